@@ -1,0 +1,418 @@
+"""The LRP analyzer: one forward pass that keeps what the rules need, then an explicit
+relevance pass over the traced graph, one transposed op per layer.
+
+Unlike hook-based implementations, the relevance pass never re-runs a layer's forward for
+rules whose denominator is the layer's own output (epsilon, zero, pass), never computes a
+gradient it throws away, and builds no autograd graph at all. Relevance tensors carry a
+leading concept axis ``(K, B, ...)`` so many conditional relevances share one forward pass
+(see ``crp_toolkit.concepts``).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from crp_toolkit.engine.composites import Composite, GlobalMap
+from crp_toolkit.engine.graph import Graph, Layer, UnsupportedLayerError, trace
+from crp_toolkit.engine.rules import (
+    LayerNormRule,
+    PassRule,
+    Rule,
+    ZeroRule,
+    negative,
+    stabilize,
+)
+
+_NONNEGATIVE = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
+_NONNEGATIVE_CALLS = {torch.relu, torch.nn.functional.relu, torch.sigmoid, "relu", "sigmoid"}
+_NOT_INPLACE = {operator.iadd: operator.add, operator.imul: operator.mul}
+
+
+@dataclass
+class ForwardPass:
+    """What one forward pass leaves for the relevance pass.
+
+    ``values`` maps fx nodes to their outputs (only those the relevance pass needs survive);
+    ``cache`` holds modified-forward denominators when several relevance passes reuse it.
+    """
+
+    graph: Graph
+    values: dict[fx.Node, object]
+    output: Tensor
+    reuse: bool = False
+    cache: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+
+    def value(self, index: int) -> Tensor:
+        node = self.graph.input_node if index < 0 else self.graph.layers[index].node
+        return self.values[node]  # type: ignore[return-value]
+
+    def inputs(self, layer: Layer) -> list[Tensor]:
+        return [self.value(i) for i in layer.inputs]
+
+
+class LRP:
+    """Layer-wise relevance propagation for a PyTorch model.
+
+    ``LRP(model, composite)`` traces the model, assigns a rule to every layer and refuses
+    anything it cannot explain before running. ``analyzer(x, target)`` (or
+    ``ct.analyze(x, analyzer, target)``) returns an :class:`Explanation`.
+    The caller's model is never modified.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        composite: Composite | None = None,
+        *,
+        normalize_output_relevance: bool = True,
+    ) -> None:
+        self.model = model
+        self.composite = composite if composite is not None else Composite(GlobalMap(ZeroRule()))
+        self.normalize_output_relevance = normalize_output_relevance
+        self.graph = trace(model)
+        self.rules: list[Rule] = _checked_rules(self.graph, self.composite.assign(self.graph))
+        self._nonnegative = _nonnegative_layers(self.graph)
+        self._needed = _needed_values(self.graph, self.rules)
+        _refuse_softmax_output(self.graph)
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: Tensor, *, reuse: bool = False) -> ForwardPass:
+        """Run the model once, keeping the tensors the relevance pass will need."""
+        _check_input(x, self.graph)
+        _check_eval_mode(self.model)
+        graph, gm = self.graph, self.graph.module
+        values: dict[fx.Node, object] = {graph.input_node: x.detach()}
+        last_use = _last_uses(gm.graph)
+        with torch.no_grad():
+            for node in gm.graph.nodes:
+                if node.op in ("placeholder", "output"):
+                    continue
+                try:
+                    values[node] = _run_node(gm, node, values)
+                except RuntimeError as err:
+                    raise ValueError(
+                        f"input of shape {tuple(x.shape)} does not fit the model: "
+                        f"{node.op} {node.target!r} failed with: {err}"
+                    ) from err
+                for done in last_use.get(node, ()):
+                    if done not in self._needed:
+                        values.pop(done, None)
+        output = values[graph.layers[graph.output_layer].node]
+        return ForwardPass(graph, values, output, reuse)  # type: ignore[arg-type]
+
+    # -- relevance ---------------------------------------------------------------------------
+    def propagate(
+        self,
+        fp: ForwardPass,
+        pending: dict[int, Tensor],
+        *,
+        masks: Mapping[int, Tensor] | None = None,
+        record: Iterable[int] = (),
+        exclusive: Iterable[int] = (),
+        stop: int = -1,
+    ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """Propagate relevance from the layers in ``pending`` down to layer ``stop``.
+
+        ``pending`` maps layer index -> relevance (K, B, ...) arriving at its output.
+        ``masks`` multiply the relevance at a layer's output; ``record`` keeps the relevance
+        arriving at a layer (before its mask); at an ``exclusive`` layer all relevance that
+        bypasses it is dropped. Returns the relevance still pending (at ``stop`` and, with
+        ``stop=-1``, at the input under key -1) and the recorded relevances.
+        """
+        pending = dict(pending)
+        masks = masks or {}
+        record, exclusive = set(record), set(exclusive)
+        recorded: dict[int, Tensor] = {}
+        start = max(pending) if pending else -1
+        for index in range(start, stop, -1):
+            R = pending.pop(index, None)
+            if R is None:
+                continue
+            if index in record:
+                recorded[index] = R
+            if index in masks:
+                R = R * masks[index]
+            if index in exclusive:
+                pending.clear()
+            layer = self.graph.layers[index]
+            for source, r in zip(layer.inputs, self.relevance_in(fp, layer, R), strict=True):
+                if r is not None:
+                    pending[source] = pending[source] + r if source in pending else r
+            if not fp.reuse:
+                fp.values.pop(layer.node, None)
+        return pending, recorded
+
+    def relevance_in(self, fp: ForwardPass, layer: Layer, R: Tensor) -> list[Tensor | None]:
+        """Relevance at each input of ``layer`` given relevance ``R`` at its output."""
+        rule = self.rules[layer.index]
+        if isinstance(rule, PassRule) and layer.op.elementwise:
+            return [R] + [None] * (len(layer.inputs) - 1)  # inputs were not kept
+        inputs = fp.inputs(layer)
+        if isinstance(rule, PassRule):
+            return layer.op.route(R, inputs, _evaluator(fp, layer))
+        if isinstance(rule, LayerNormRule):
+            return [_layernorm_relevance(layer.module, inputs[0], R, rule.stabilizer)]
+        return self._weighted(fp, layer, rule, inputs, R)
+
+    def _weighted(
+        self, fp: ForwardPass, layer: Layer, rule: Rule, inputs: list[Tensor], R: Tensor
+    ) -> list[Tensor | None]:
+        op, module = layer.op, layer.module
+        evaluate = _evaluator(fp, layer)
+        weight = getattr(module, "weight", None) if op.parametric else None
+        bias = getattr(module, "bias", None) if op.parametric else None
+        known_nonneg = all(i in self._nonnegative for i in layer.inputs)
+        result: list[Tensor | None] = [None] * len(inputs)
+        for p, part in enumerate(rule.parts()):
+            terms = [
+                t
+                for t in part.terms
+                if not (known_nonneg and t.input is negative and t.bias is None)
+            ]
+            z = fp.cache.get((layer.index, p))
+            if z is None:
+                z = _part_output(fp, layer, terms, inputs, weight, bias, evaluate)
+                if fp.reuse:
+                    fp.cache[(layer.index, p)] = z
+            R_part = R if part.select is None else R * part.select(fp.value(layer.index))
+            s = R_part / stabilize(z, rule.stabilizer)
+            for t in terms:
+                modified = [t.input(x) for x in inputs]
+                if op.parametric:
+                    grads = [op.transpose_params(s, inputs[0], module, t.weight(weight))]
+                else:
+                    grads = op.transpose(s, inputs, evaluate)
+                scale = part.coef * t.sign
+                for j, (x, g) in enumerate(zip(modified, grads, strict=True)):
+                    if g is None:
+                        continue
+                    contribution = x * g if scale == 1.0 else scale * (x * g)
+                    result[j] = contribution if result[j] is None else result[j] + contribution
+        return result
+
+    # -- explanation -------------------------------------------------------------------------
+    def __call__(self, x: Tensor, target: int | Sequence[int] | Tensor | None = None, **kwargs):
+        from crp_toolkit.engine.explanation import explain
+
+        return explain(self, x, target, **kwargs)
+
+    def output_relevance(self, output: Tensor, target: Tensor) -> Tensor:
+        """Relevance at the output: one-hot at ``target`` (value 1, or the logit)."""
+        R = torch.zeros_like(output)
+        value = output.gather(1, target[:, None]) if not self.normalize_output_relevance else 1.0
+        R.scatter_(1, target[:, None], value)
+        return R
+
+    def __repr__(self) -> str:
+        width = max((len(layer.name) for layer in self.graph.layers), default=4)
+        lines = [f"LRP({type(self.model).__name__}, {type(self.composite).__name__}) with rules:"]
+        for layer, rule in zip(self.graph.layers, self.rules, strict=True):
+            lines.append(
+                f"  {layer.index:>3}  {layer.name:<{width}}  {layer.type_name:<18} {rule!r}"
+            )
+        return "\n".join(lines)
+
+
+def _part_output(
+    fp: ForwardPass,
+    layer: Layer,
+    terms: Sequence,
+    inputs: list[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    evaluate,
+) -> Tensor:
+    """The denominator of one part: the layer's own output when the part is its forward."""
+    if len(terms) == 1 and terms[0].is_plain:
+        return fp.value(layer.index)
+    z = None
+    for t in terms:
+        modified = [t.input(x) for x in inputs]
+        if layer.op.parametric:
+            b = t.bias(bias) if (bias is not None and t.bias is not None) else None
+            out = layer.op.forward(modified[0], layer.module, t.weight(weight), b)
+        else:
+            out = evaluate(modified)
+        out = out if t.sign == 1.0 else t.sign * out
+        z = out if z is None else z + out
+    return z
+
+
+def _layernorm_relevance(module: nn.Module, x: Tensor, R: Tensor, eps: float) -> Tensor:
+    """LN-rule: y = (x - mean) * g / sigma + b with sigma held constant."""
+    dims = tuple(range(-len(module.normalized_shape), 0))
+    mean = x.mean(dims, keepdim=True)
+    sigma = (x.var(dims, unbiased=False, keepdim=True) + module.eps).sqrt()
+    gain = module.weight / sigma if module.weight is not None else 1.0 / sigma
+    z = (x - mean) * gain + (module.bias if module.bias is not None else 0.0)
+    u = R / stabilize(z, eps) * gain
+    return x * (u - u.mean(dims, keepdim=True))
+
+
+def _evaluator(fp: ForwardPass, layer: Layer):
+    """A function that re-runs ``layer`` on other tensors in place of its inputs."""
+    gm, node = fp.graph.module, layer.node
+    sources = [fp.graph.input_node if i < 0 else fp.graph.layers[i].node for i in layer.inputs]
+
+    def evaluate(tensors: Sequence[Tensor]) -> Tensor:
+        env = dict(fp.values)
+        env.update(zip(sources, tensors, strict=True))
+        return _run_node(gm, node, env)
+
+    return evaluate
+
+
+def _run_node(gm: fx.GraphModule, node: fx.Node, env: Mapping[fx.Node, object]):
+    """Evaluate one fx node without in-place side effects on values the engine keeps."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if getattr(module, "inplace", False):
+            args = (args[0].clone(), *args[1:])
+        return module(*args, **kwargs)
+    if node.op == "call_function":
+        if "inplace" in kwargs:
+            kwargs = {**kwargs, "inplace": False}
+        return _NOT_INPLACE.get(node.target, node.target)(*args, **kwargs)
+    if node.op == "call_method":
+        name = node.target
+        if name.endswith("_") and hasattr(args[0], name[:-1]):
+            name = name[:-1]
+        return getattr(args[0], name)(*args[1:], **kwargs)
+    if node.op == "get_attr":
+        return _attr(gm, node.target)
+    raise UnsupportedLayerError(f"cannot evaluate fx node {node.op} {node.target}")
+
+
+def _attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """For each node, the nodes whose last forward use it is (so they can be freed)."""
+    seen: set[fx.Node] = set()
+    out: dict[fx.Node, list[fx.Node]] = {}
+    for node in reversed(graph.nodes):
+        for source in node.all_input_nodes:
+            if source not in seen:
+                seen.add(source)
+                out.setdefault(node, []).append(source)
+    return out
+
+
+def _needed_values(graph: Graph, rules: Sequence[Rule]) -> set[fx.Node]:
+    """fx nodes whose values the relevance pass reads; the rest are freed during forward."""
+    layer_nodes = {layer.node for layer in graph.layers}
+    needed = {n for n in graph.module.graph.nodes if n not in layer_nodes}  # shapes, constants
+    needed.add(graph.layers[graph.output_layer].node)
+    for layer, rule in zip(graph.layers, rules, strict=True):
+        if not (isinstance(rule, PassRule) and layer.op.elementwise):
+            needed.update(layer.node.all_input_nodes)
+        if not isinstance(rule, PassRule):
+            needed.add(layer.node)  # denominators reuse the layer's own output
+    return needed
+
+
+def _nonnegative_layers(graph: Graph) -> set[int]:
+    """Layers whose output is non-negative by construction (ReLU and what keeps its sign)."""
+    out: set[int] = set()
+    keeps_sign = ("maxpool", "avgpool", "reshape", "concat", "add")
+    for layer in graph.layers:
+        target = layer.node.target
+        if (
+            isinstance(layer.module, _NONNEGATIVE)
+            or (layer.module is None and target in _NONNEGATIVE_CALLS)
+            or (layer.kind in keeps_sign or _is_dropout(layer))
+            and all(i in out for i in layer.inputs)
+        ):
+            out.add(layer.index)
+    return out
+
+
+def _is_dropout(layer: Layer) -> bool:
+    return isinstance(layer.module, (nn.Dropout, nn.Identity))
+
+
+def _checked_rules(graph: Graph, rules: Sequence[Rule | None]) -> list[Rule]:
+    """Every layer has a rule its kind supports, or the analyzer is refused."""
+    for layer, rule in zip(graph.layers, rules, strict=True):
+        where = f"layer {layer.name!r} ({layer.type_name}, kind {layer.kind!r})"
+        if rule is None:
+            raise UnsupportedLayerError(
+                f"the composite assigns no rule to {where}; add one, e.g. "
+                f"TypeMap({{{layer.kind!r}: EpsilonRule()}}) or NameMap({{{layer.name!r}: ...}})"
+            )
+        if isinstance(rule, LayerNormRule) != (layer.kind == "layernorm") and not isinstance(
+            rule, PassRule
+        ):
+            raise UnsupportedLayerError(f"{type(rule).__name__} cannot be applied to {where}")
+        if isinstance(rule, PassRule) and layer.kind in ("add", "avgpool", "conv", "linear"):
+            raise UnsupportedLayerError(
+                f"PassRule cannot be applied to {where}: it changes the number of values; "
+                "use EpsilonRule or another weighted rule"
+            )
+        if not isinstance(rule, (PassRule, LayerNormRule)) and not layer.op.linear:
+            raise UnsupportedLayerError(
+                f"{type(rule).__name__} needs a linear op, but {where} is not; use PassRule"
+            )
+    return list(rules)  # type: ignore[arg-type]
+
+
+def _refuse_softmax_output(graph: Graph) -> None:
+    last = graph.layers[graph.output_layer]
+    if last.kind == "softmax":
+        raise ValueError(
+            f"the model's output ends in a softmax ({last.name!r}); LRP explains logits. "
+            "Remove it first: model = crp_toolkit.strip_softmax(model)"
+        )
+    for layer in graph.layers:
+        if layer.kind == "softmax":
+            raise UnsupportedLayerError(
+                f"softmax inside the model at {layer.name!r} has no LRP rule; register an op for it"
+            )
+
+
+def _check_input(x: Tensor, graph: Graph) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(
+            f"input must be a floating-point torch.Tensor, got {type(x).__name__}"
+            f"{'' if not isinstance(x, Tensor) else ' of dtype ' + str(x.dtype)}"
+        )
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"input contains NaN or inf (samples {bad[:10]}); clean or drop them first"
+        )
+    for i in graph.readers_of_input():
+        module = graph.layers[i].module
+        if isinstance(module, nn.modules.conv._ConvNd):
+            dims = len(module.kernel_size) + 2
+            if x.dim() != dims or x.shape[1] != module.in_channels:
+                raise ValueError(
+                    f"input of shape {tuple(x.shape)} does not fit layer {graph.layers[i].name!r}, "
+                    f"which expects (batch, {module.in_channels}, ...) with {dims} dimensions"
+                )
+        elif isinstance(module, nn.Linear) and x.dim() == 2 and x.shape[1] != module.in_features:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not fit layer {graph.layers[i].name!r}, "
+                f"which expects {module.in_features} features"
+            )
+
+
+def _check_eval_mode(model: nn.Module) -> None:
+    stochastic = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+    for name, module in model.named_modules():
+        if module.training and isinstance(module, stochastic):
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) is in training mode, so its output "
+                "depends on the batch or on chance; call model.eval() before explaining"
+            )
