@@ -83,6 +83,14 @@ class Graph:
                     reach.add(layer.index)
         return first
 
+    def descendants(self, index: int) -> set[int]:
+        """All layers that read the output of layer ``index``, directly or not."""
+        out: set[int] = set()
+        for layer in self.layers[index + 1 :]:
+            if any(i == index or i in out for i in layer.inputs):
+                out.add(layer.index)
+        return out
+
     def ancestors(self, index: int) -> set[int]:
         """All layers whose output flows into layer ``index`` (excluding itself)."""
         seen: set[int] = set()

@@ -82,11 +82,16 @@ class LRP:
         _refuse_softmax_output(self.graph)
 
     # -- forward -----------------------------------------------------------------------------
-    def forward(self, x: Tensor, *, reuse: bool = False) -> ForwardPass:
-        """Run the model once, keeping the tensors the relevance pass will need."""
+    def forward(self, x: Tensor, *, reuse: bool = False, keep: Iterable[int] = ()) -> ForwardPass:
+        """Run the model once, keeping the tensors the relevance pass will need.
+
+        ``reuse``: several relevance passes will follow (nothing is freed, denominators are
+        cached); ``keep``: layer indices whose outputs must survive (recorded activations).
+        """
         _check_input(x, self.graph)
         _check_eval_mode(self.model)
         graph, gm = self.graph, self.graph.module
+        needed = self._needed | {graph.layers[i].node for i in keep}
         values: dict[fx.Node, object] = {graph.input_node: x.detach()}
         last_use = _last_uses(gm.graph)
         with torch.no_grad():
@@ -101,12 +106,13 @@ class LRP:
                         f"{node.op} {node.target!r} failed with: {err}"
                     ) from err
                 for done in last_use.get(node, ()):
-                    if done not in self._needed:
+                    if done not in needed:
                         values.pop(done, None)
         output = values[graph.layers[graph.output_layer].node]
         return ForwardPass(graph, values, output, reuse)  # type: ignore[arg-type]
 
     # -- relevance ---------------------------------------------------------------------------
+    @torch.no_grad()
     def propagate(
         self,
         fp: ForwardPass,
@@ -122,8 +128,9 @@ class LRP:
         ``pending`` maps layer index -> relevance (K, B, ...) arriving at its output.
         ``masks`` multiply the relevance at a layer's output; ``record`` keeps the relevance
         arriving at a layer (before its mask); at an ``exclusive`` layer all relevance that
-        bypasses it is dropped. Returns the relevance still pending (at ``stop`` and, with
-        ``stop=-1``, at the input under key -1) and the recorded relevances.
+        bypasses it is dropped, and so is what was recorded in parallel to it. Returns the
+        relevance still pending (at ``stop``; with ``stop=-1``, at the input under key -1) and
+        the recorded relevances.
         """
         pending = dict(pending)
         masks = masks or {}
@@ -138,8 +145,10 @@ class LRP:
                 recorded[index] = R
             if index in masks:
                 R = R * masks[index]
-            if index in exclusive:
+            if index in exclusive:  # only relevance through this layer goes on
                 pending.clear()
+                downstream = self.graph.descendants(index) | {index}
+                recorded = {i: r for i, r in recorded.items() if i in downstream}
             layer = self.graph.layers[index]
             for source, r in zip(layer.inputs, self.relevance_in(fp, layer, R), strict=True):
                 if r is not None:
