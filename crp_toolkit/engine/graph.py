@@ -8,10 +8,11 @@ after the module whose ``forward`` calls them (``layer1.0.add``).
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.fx as fx
 from torch import nn
@@ -57,6 +58,12 @@ class Graph:
     layers: list[Layer]
     input_node: fx.Node
     output_layer: int
+    out_of_place: dict[str, nn.Module] = field(default_factory=dict)
+
+    def submodule(self, target: str) -> nn.Module:
+        """The module called at ``target``; in-place activations come as out-of-place
+        shallow copies (sharing parameters), so the engine keeps their inputs intact."""
+        return self.out_of_place.get(target) or self.module.get_submodule(target)
 
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]
@@ -148,7 +155,17 @@ def trace(model: nn.Module) -> Graph:
         position[node] = index
     if input_node is None:
         raise UnsupportedLayerError("the model takes no input")
-    return Graph(gm, layers, input_node, output_layer)
+    return Graph(gm, layers, input_node, output_layer, _out_of_place(layers))
+
+
+def _out_of_place(layers: list[Layer]) -> dict[str, nn.Module]:
+    copies = {}
+    for layer in layers:
+        if getattr(layer.module, "inplace", False):
+            clone = copy.copy(layer.module)  # shares parameters and buffers
+            clone.inplace = False
+            copies[str(layer.node.target)] = clone
+    return copies
 
 
 def _output_index(node: fx.Node, position: dict[fx.Node, int]) -> int:

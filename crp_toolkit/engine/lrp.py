@@ -24,8 +24,10 @@ from crp_toolkit.engine.rules import (
     LayerNormRule,
     PassRule,
     Rule,
+    Term,
     ZeroRule,
     negative,
+    positive,
     stabilize,
 )
 
@@ -99,7 +101,7 @@ class LRP:
                 if node.op in ("placeholder", "output"):
                     continue
                 try:
-                    values[node] = _run_node(gm, node, values)
+                    values[node] = _run_node(graph, node, values)
                 except RuntimeError as err:
                     raise ValueError(
                         f"input of shape {tuple(x.shape)} does not fit the model: "
@@ -172,33 +174,28 @@ class LRP:
     def _weighted(
         self, fp: ForwardPass, layer: Layer, rule: Rule, inputs: list[Tensor], R: Tensor
     ) -> list[Tensor | None]:
-        op, module = layer.op, layer.module
+        """Term-based rules: per part, a denominator from the (modified) forward pass, then
+        one transposed op per term."""
+        nonneg = all(i in self._nonnegative for i in layer.inputs)
         evaluate = _evaluator(fp, layer)
-        weight = getattr(module, "weight", None) if op.parametric else None
-        bias = getattr(module, "bias", None) if op.parametric else None
-        known_nonneg = all(i in self._nonnegative for i in layer.inputs)
         result: list[Tensor | None] = [None] * len(inputs)
         for p, part in enumerate(rule.parts()):
-            terms = [
-                t
-                for t in part.terms
-                if not (known_nonneg and t.input is negative and t.bias is None)
-            ]
+            terms = [_prepare(t, layer, inputs, nonneg) for t in part.terms]
+            terms = [t for t in terms if t is not None]
             z = fp.cache.get((layer.index, p))
             if z is None:
-                z = _part_output(fp, layer, terms, inputs, weight, bias, evaluate)
+                z = _part_output(fp, layer, terms, evaluate)
                 if fp.reuse:
                     fp.cache[(layer.index, p)] = z
             R_part = R if part.select is None else R * part.select(fp.value(layer.index))
             s = R_part / stabilize(z, rule.stabilizer)
-            for t in terms:
-                modified = [t.input(x) for x in inputs]
-                if op.parametric:
-                    grads = [op.transpose_params(s, inputs[0], module, t.weight(weight))]
+            for term in terms:
+                if layer.op.parametric:
+                    grads = [layer.op.transpose_params(s, inputs[0], layer.module, term.weight)]
                 else:
-                    grads = op.transpose(s, inputs, evaluate)
-                scale = part.coef * t.sign
-                for j, (x, g) in enumerate(zip(modified, grads, strict=True)):
+                    grads = layer.op.transpose(s, inputs, evaluate)
+                scale = part.coef * term.sign
+                for j, (x, g) in enumerate(zip(term.inputs, grads, strict=True)):
                     if g is None:
                         continue
                     contribution = x * g if scale == 1.0 else scale * (x * g)
@@ -228,26 +225,42 @@ class LRP:
         return "\n".join(lines)
 
 
-def _part_output(
-    fp: ForwardPass,
-    layer: Layer,
-    terms: Sequence,
-    inputs: list[Tensor],
-    weight: Tensor | None,
-    bias: Tensor | None,
-    evaluate,
-) -> Tensor:
+@dataclass
+class _PreparedTerm:
+    """A term with its modified inputs and parameters computed once."""
+
+    plain: bool
+    inputs: list[Tensor]
+    weight: Tensor | None
+    bias: Tensor | None
+    sign: float
+
+
+def _prepare(term: Term, layer: Layer, inputs: list[Tensor], nonneg: bool) -> _PreparedTerm | None:
+    """Modify inputs and parameters once; drop terms that vanish on non-negative inputs."""
+    if nonneg and term.input is negative and term.bias is None:
+        return None  # x- = 0 and no bias: the term contributes nothing
+    keep = nonneg and term.input is positive  # x+ = x
+    modified = [x if keep else term.input(x) for x in inputs]
+    module = layer.module
+    weight = bias = None
+    if layer.op.parametric:
+        weight = term.weight(module.weight)
+        if module.bias is not None and term.bias is not None:
+            bias = term.bias(module.bias)
+    return _PreparedTerm(term.is_plain, modified, weight, bias, term.sign)
+
+
+def _part_output(fp: ForwardPass, layer: Layer, terms: Sequence[_PreparedTerm], evaluate) -> Tensor:
     """The denominator of one part: the layer's own output when the part is its forward."""
-    if len(terms) == 1 and terms[0].is_plain:
+    if len(terms) == 1 and terms[0].plain:
         return fp.value(layer.index)
     z = None
     for t in terms:
-        modified = [t.input(x) for x in inputs]
         if layer.op.parametric:
-            b = t.bias(bias) if (bias is not None and t.bias is not None) else None
-            out = layer.op.forward(modified[0], layer.module, t.weight(weight), b)
+            out = layer.op.forward(t.inputs[0], layer.module, t.weight, t.bias)
         else:
-            out = evaluate(modified)
+            out = evaluate(t.inputs)
         out = out if t.sign == 1.0 else t.sign * out
         z = out if z is None else z + out
     return z
@@ -266,25 +279,22 @@ def _layernorm_relevance(module: nn.Module, x: Tensor, R: Tensor, eps: float) ->
 
 def _evaluator(fp: ForwardPass, layer: Layer):
     """A function that re-runs ``layer`` on other tensors in place of its inputs."""
-    gm, node = fp.graph.module, layer.node
+    node = layer.node
     sources = [fp.graph.input_node if i < 0 else fp.graph.layers[i].node for i in layer.inputs]
 
     def evaluate(tensors: Sequence[Tensor]) -> Tensor:
         env = dict(fp.values)
         env.update(zip(sources, tensors, strict=True))
-        return _run_node(gm, node, env)
+        return _run_node(fp.graph, node, env)
 
     return evaluate
 
 
-def _run_node(gm: fx.GraphModule, node: fx.Node, env: Mapping[fx.Node, object]):
+def _run_node(graph: Graph, node: fx.Node, env: Mapping[fx.Node, object]):
     """Evaluate one fx node without in-place side effects on values the engine keeps."""
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if getattr(module, "inplace", False):
-            args = (args[0].clone(), *args[1:])
-        return module(*args, **kwargs)
+        return graph.submodule(node.target)(*args, **kwargs)
     if node.op == "call_function":
         if "inplace" in kwargs:
             kwargs = {**kwargs, "inplace": False}
@@ -295,7 +305,7 @@ def _run_node(gm: fx.GraphModule, node: fx.Node, env: Mapping[fx.Node, object]):
             name = name[:-1]
         return getattr(args[0], name)(*args[1:], **kwargs)
     if node.op == "get_attr":
-        return _attr(gm, node.target)
+        return _attr(graph.module, node.target)
     raise UnsupportedLayerError(f"cannot evaluate fx node {node.op} {node.target}")
 
 
@@ -396,7 +406,7 @@ def _check_input(x: Tensor, graph: Graph) -> None:
             f"input must be a floating-point torch.Tensor, got {type(x).__name__}"
             f"{'' if not isinstance(x, Tensor) else ' of dtype ' + str(x.dtype)}"
         )
-    if not torch.isfinite(x).all():
+    if not torch.isfinite(x.sum()):  # one reduction; any NaN or inf makes the sum non-finite
         bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
         raise ValueError(
             f"input contains NaN or inf (samples {bad[:10]}); clean or drop them first"
