@@ -1,0 +1,28 @@
+"""Shared fixtures: the FashionMNIST fixture from ../shared/data/fashion (never copied here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from crp_toolkit.data.fashion import load_fashion_data, load_fashion_model
+
+SHARED = Path(os.environ.get("CRP_TOOLKIT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+FASHION_DIR = SHARED / "data" / "fashion"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def fashion_model():
+    """The trained FashionMNIST CNN (eval mode, not canonized)."""
+    return load_fashion_model(FASHION_DIR / "fashion_cnn_state_dict.pt")
+
+
+@pytest.fixture(scope="session")
+def fashion_data():
+    """The first 64 validation images (N, 1, 28, 28) in [0, 1] and their labels."""
+    return load_fashion_data(FASHION_DIR / "fashion_val.npz", limit=64)
