@@ -48,7 +48,7 @@ def heatmap_figure(
     fig, axes = plt.subplots(rows, len(images), figsize=(2 * len(images), 2 * rows), squeeze=False)
     for i, image in enumerate(images):
         if inputs is not None:
-            axes[0, i].imshow(_display(inputs[i]), cmap="gray")
+            axes[0, i].imshow(display_image(inputs[i]), cmap="gray")
         axes[-1, i].imshow(image)
         if titles:
             axes[0, i].set_title(titles[i], fontsize=9)
@@ -83,7 +83,8 @@ def _as_maps(relevance: Tensor) -> np.ndarray:
     return r.numpy()
 
 
-def _display(image: Tensor) -> np.ndarray:
+def display_image(image: Tensor) -> np.ndarray:
+    """An input image (C, H, W) scaled to [0, 1] for imshow (grey for one channel)."""
     img = image.detach().float().cpu()
     img = (img - img.min()) / (img.max() - img.min() + 1e-12)
     return img.permute(1, 2, 0).numpy() if img.shape[0] == 3 else img[0].numpy()

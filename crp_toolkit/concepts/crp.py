@@ -54,10 +54,12 @@ class IndexedFeatures:
 @dataclass
 class CRPExplanation:
     """``relevance``: (batch, n_features, *input shape); ``features``: the concept ids
-    (batch, n_features); ``output``/``target``: logits and explained class per sample."""
+    (batch, n_features); ``scores``: relevance of every concept of the layer (batch,
+    n_concepts); ``output``/``target``: logits and explained class per sample."""
 
     relevance: Tensor
     features: Tensor
+    scores: Tensor
     output: Tensor
     target: Tensor
 
@@ -112,7 +114,7 @@ class CRP:
             exclude_parallel=self.exclude_parallel,
             memory_budget=self.memory_budget,
         )
-        return CRPExplanation(heat.transpose(0, 1), chosen, fp.output, target)
+        return CRPExplanation(heat.transpose(0, 1), chosen, scores, fp.output, target)
 
     def __repr__(self) -> str:
         return f"CRP(layer={self.layer!r}, features={self.features!r}, concept={self.concept!r})"
