@@ -107,15 +107,17 @@ class NameMap(Primitive):
 
 @dataclass(frozen=True)
 class RangeMap(Primitive):
-    """A rule (or type map) for the layers with index in ``range`` (see ``print(analyzer)``)."""
+    """A rule (or type map) for the layers with index in ``range`` (see ``print(analyzer)``);
+    a bare rule reaches only weighted layers (conv, dense, sum, average pooling)."""
 
     range: range
     rule: Rule | Mapping[TypeKey, Rule]
 
     def assign(self, graph: Graph) -> dict[int, Rule]:
-        return _restricted(
-            self.rule, [graph.layers[i] for i in self.range if i < len(graph.layers)]
-        )
+        layers = [graph.layers[i] for i in self.range if i < len(graph.layers)]
+        if isinstance(self.rule, Rule):  # a bare rule reaches weighted layers, as GlobalMap
+            layers = [layer for layer in layers if layer.kind in WEIGHTED_KINDS]
+        return _restricted(self.rule, layers)
 
 
 @dataclass(frozen=True)

@@ -110,9 +110,17 @@ class Graph:
         return seen
 
 
+class _Tracer(fx.Tracer):
+    """Keeps whole every module the engine knows (torch.nn's, their subclasses, and types
+    registered with ``register_module_op``)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return op_for_module(m) is not None or super().is_leaf_module(m, qualname)
+
+
 def trace(model: nn.Module) -> Graph:
     """Trace ``model`` with torch.fx and classify every op; refuse unsupported ones."""
-    tracer = fx.Tracer()  # keeps modules of torch.nn whole: conv, pooling, activations...
+    tracer = _Tracer()
     try:
         fx_graph = tracer.trace(model)
     except Exception as err:  # fx raises many types for untraceable control flow

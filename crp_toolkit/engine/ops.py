@@ -98,6 +98,10 @@ class Conv(Op):
         lead = grad.shape[: grad.dim() - x.dim() + 1]
         flat = grad.reshape(-1, *grad.shape[len(lead) :])
         size = (flat.shape[0], *x.shape[1:])
+        if getattr(module, "padding_mode", "zeros") != "zeros":  # reflect/circular padding
+            forward = lambda t: self.forward(t[0], module, weight, None)  # noqa: E731
+            [out] = vjp(forward, [x.new_zeros(size)], flat[None])
+            return out.reshape(*lead, *x.shape[1:])
         placeholder = flat.new_empty(1).expand(size)
         out = torch.ops.aten.convolution_backward(
             flat,
