@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
-from crp_toolkit.engine.ops import KINDS, Op, op_for_function, op_for_method, op_for_module
+from crp_toolkit.engine.ops import (
+    GATE,
+    GATE_SOURCES,
+    KINDS,
+    Op,
+    op_for_function,
+    op_for_method,
+    op_for_module,
+)
 
 
 class UnsupportedLayerError(TypeError):
@@ -38,6 +46,7 @@ class Layer:
     node: fx.Node
     module: nn.Module | None
     inputs: tuple[int, ...]
+    gate: int | None = None  # for gating products: which input is the gate
 
     @property
     def kind(self) -> str:
@@ -159,7 +168,8 @@ def trace(model: nn.Module) -> Graph:
         name = _layer_name(node, calls)
         index = len(layers)
         inputs = tuple(position[n] for n in node.all_input_nodes if n in position)
-        layers.append(Layer(index, name, op, node, module, inputs))
+        gate = _gate_input(layers, inputs) if op is GATE else None
+        layers.append(Layer(index, name, op, node, module, inputs, gate))
         position[node] = index
     if input_node is None:
         raise UnsupportedLayerError("the model takes no input")
@@ -174,6 +184,22 @@ def _out_of_place(layers: list[Layer]) -> dict[str, nn.Module]:
             clone.inplace = False
             copies[str(layer.node.target)] = clone
     return copies
+
+
+def _gate_input(layers: list[Layer], inputs: tuple[int, ...]) -> int | None:
+    """The factor of a product that comes straight from a sigmoid-like op, if exactly one."""
+
+    def is_gate(i: int) -> bool:
+        if i < 0:
+            return False
+        source = layers[i].module if layers[i].module is not None else layers[i].node.target
+        kinds = tuple(k for k in GATE_SOURCES if isinstance(k, type))
+        return isinstance(source, kinds) or (
+            not isinstance(source, nn.Module) and source in GATE_SOURCES
+        )
+
+    gates = [k for k, i in enumerate(inputs) if is_gate(i)]
+    return gates[0] if len(gates) == 1 else None
 
 
 def _output_index(node: fx.Node, position: dict[fx.Node, int]) -> int:

@@ -48,7 +48,7 @@ class ForwardPass:
     values: dict[fx.Node, object]
     output: Tensor
     reuse: bool = False
-    cache: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    cache: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # denominators
 
     def value(self, index: int) -> Tensor:
         node = self.graph.input_node if index < 0 else self.graph.layers[index].node
@@ -166,7 +166,7 @@ class LRP:
             return [R] + [None] * (len(layer.inputs) - 1)  # inputs were not kept
         inputs = fp.inputs(layer)
         if isinstance(rule, PassRule):
-            return layer.op.route(R, inputs, _evaluator(fp, layer))
+            return layer.op.route(R, inputs, _evaluator(fp, layer), layer.gate)
         if isinstance(rule, LayerNormRule):
             return [_layernorm_relevance(layer.module, inputs[0], R, rule.stabilizer)]
         return self._weighted(fp, layer, rule, inputs, R)
@@ -182,13 +182,13 @@ class LRP:
         for p, part in enumerate(rule.parts()):
             terms = [_prepare(t, layer, inputs, nonneg) for t in part.terms]
             terms = [t for t in terms if t is not None]
-            z = fp.cache.get((layer.index, p))
-            if z is None:
-                z = _part_output(fp, layer, terms, evaluate)
+            d = fp.cache.get((layer.index, p))
+            if d is None:
+                d = part.denominator(_part_output(fp, layer, terms, evaluate), rule.stabilizer)
                 if fp.reuse:
-                    fp.cache[(layer.index, p)] = z
+                    fp.cache[(layer.index, p)] = d
             R_part = R if part.select is None else R * part.select(fp.value(layer.index))
-            s = R_part / stabilize(z, rule.stabilizer)
+            s = R_part / d
             for term in terms:
                 if layer.op.parametric:
                     grads = [layer.op.transpose_params(s, inputs[0], layer.module, term.weight)]

@@ -29,12 +29,14 @@ class Op:
     elementwise: bool = False
     parametric: bool = False
 
-    def route(self, R: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate) -> list[Tensor | None]:
+    def route(
+        self, R: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate, gate: int | None = None
+    ) -> list[Tensor | None]:
         """PassRule: send R back unchanged, through the op's structure where shapes differ."""
         return vjp(evaluate, inputs, R)
 
     def transpose(
-        self, grad: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate
+        self, grad: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate, gate: int | None = None
     ) -> list[Tensor | None]:
         """``J^T grad`` for a parameter-free linear op (values of ``inputs`` do not matter)."""
         return vjp(evaluate, [torch.zeros_like(x) for x in inputs], grad)
@@ -44,7 +46,9 @@ class Op:
 class Reshape(Op):
     """Flatten, view, reshape, squeeze...: relevance is reshaped back."""
 
-    def route(self, R: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate) -> list[Tensor | None]:
+    def route(
+        self, R: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate, gate: int | None = None
+    ) -> list[Tensor | None]:
         return [R.reshape(R.shape[0], *inputs[0].shape)] + [None] * (len(inputs) - 1)
 
     transpose = route
@@ -55,15 +59,21 @@ class Gate(Op):
     """Elementwise product where one factor gates the other (squeeze-excitation). The gate
     is held constant, so all relevance goes to the gated input."""
 
-    def route(self, R: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate) -> list[Tensor | None]:
+    def route(
+        self, R: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate, gate: int | None = None
+    ) -> list[Tensor | None]:
+        """``gate``: which input is the gate (found when tracing: the output of a sigmoid),
+        else the smaller (broadcast) factor."""
         if len(inputs) == 1:
             return [R]
         a, b = inputs
-        gate = 0 if a.numel() < b.numel() else 1 if b.numel() < a.numel() else None
+        if gate is None:
+            gate = 0 if a.numel() < b.numel() else 1 if b.numel() < a.numel() else None
         if gate is None:
             raise ValueError(
                 "cannot tell the gate from the gated input of an elementwise product of two "
-                f"equally shaped tensors {tuple(a.shape)}; register a rule for this op"
+                f"equally shaped tensors {tuple(a.shape)} (neither comes from a sigmoid); "
+                "register a rule for this op"
             )
         out: list[Tensor | None] = [None, None]
         out[1 - gate] = R
@@ -169,6 +179,7 @@ AVGPOOL = Op("avgpool", linear=True)
 MAXPOOL = Op("maxpool")
 SOFTMAX = Op("softmax")
 GATE = Gate("gate")
+GATE_SOURCES = (nn.Sigmoid, nn.Hardsigmoid, torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid")
 DENSE = Dense("linear", linear=True, parametric=True)
 CONV = Conv("conv", linear=True, parametric=True)
 

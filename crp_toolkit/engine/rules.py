@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -82,12 +83,22 @@ class Part:
     terms: tuple[Term, ...]
     coef: float = 1.0
     select: Callable[[Tensor], Tensor] | None = None
+    sign: int = 0  # +1 / -1 when the denominator is >= 0 / <= 0 by construction
+
+    def denominator(self, z: Tensor, eps: float) -> Tensor:
+        """``s(z)``; a single shift (in place on a fresh ``z``) where the sign is known."""
+        if self.sign > 0:
+            return z + eps
+        if self.sign < 0:
+            return z - eps
+        return stabilize(z, eps)
 
 
 class Rule:
     """Base of all rules: one part, one term built from the three modifiers."""
 
     stabilizer: float = 1e-6
+    denominator_sign: ClassVar[int] = 0  # +1 where every modified contribution is >= 0
 
     def modify_input(self, x: Tensor) -> Tensor:
         return x
@@ -110,7 +121,7 @@ class Rule:
         if bias is identity and pick("modify_weight") is not identity:
             bias = self.modify_bias
         term = Term(pick("modify_input"), pick("modify_weight"), bias)
-        return (Part((term,)),)
+        return (Part((term,), sign=self.denominator_sign),)
 
     def __repr__(self) -> str:
         fields = getattr(self, "__dataclass_fields__", {})
@@ -148,6 +159,7 @@ class WSquareRule(Rule):
     """LRP-w^2: input set to 1, weights squared, no bias."""
 
     stabilizer: float = 1e-6
+    denominator_sign: ClassVar[int] = 1
 
     def modify_input(self, x: Tensor) -> Tensor:
         return torch.ones_like(x)
@@ -164,6 +176,7 @@ class FlatRule(Rule):
     """LRP-flat: relevance spread uniformly over each receptive field (inputs and weights 1)."""
 
     stabilizer: float = 1e-6
+    denominator_sign: ClassVar[int] = 1
 
     def modify_input(self, x: Tensor) -> Tensor:
         return torch.ones_like(x)
@@ -182,7 +195,7 @@ class ZPlusRule(Rule):
     stabilizer: float = 1e-6
 
     def parts(self) -> tuple[Part, ...]:
-        return (Part(_positive_terms()),)
+        return (Part(_positive_terms(), sign=1),)
 
 
 @dataclass(repr=False)
@@ -207,7 +220,9 @@ class AlphaBetaRule(Rule):
             Term(positive, negative, negative),
             Term(negative, positive, None),
         )
-        return Part(_positive_terms(), self.alpha), Part(negative_terms, -self.beta)
+        return Part(_positive_terms(), self.alpha, sign=1), Part(
+            negative_terms, -self.beta, sign=-1
+        )
 
 
 @dataclass(repr=False)
