@@ -11,7 +11,7 @@ leading concept axis ``(K, B, ...)`` so many conditional relevances share one fo
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +49,7 @@ class ForwardPass:
     output: Tensor
     reuse: bool = False
     cache: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # denominators
+    pooled: dict[int, tuple[Tensor, torch.Size]] = field(default_factory=dict)  # max indices
 
     def value(self, index: int) -> Tensor:
         node = self.graph.input_node if index < 0 else self.graph.layers[index].node
@@ -80,7 +81,13 @@ class LRP:
         self.graph = trace(model)
         self.rules: list[Rule] = _checked_rules(self.graph, self.composite.assign(self.graph))
         self._nonnegative = _nonnegative_layers(self.graph)
-        self._needed = _needed_values(self.graph, self.rules)
+        self._params = _ParamCache()
+        self._pools = {
+            layer.node: layer
+            for layer in self.graph.layers
+            if layer.kind == "maxpool" and layer.op.reports_indices(layer.module)
+        }
+        self._needed = _needed_values(self.graph, self.rules, set(self._pools))
         _refuse_softmax_output(self.graph)
 
     # -- forward -----------------------------------------------------------------------------
@@ -95,13 +102,14 @@ class LRP:
         graph, gm = self.graph, self.graph.module
         needed = self._needed | {graph.layers[i].node for i in keep}
         values: dict[fx.Node, object] = {graph.input_node: x.detach()}
+        pooled: dict[int, tuple[Tensor, torch.Size]] = {}
         last_use = _last_uses(gm.graph)
         with torch.no_grad():
             for node in gm.graph.nodes:
                 if node.op in ("placeholder", "output"):
                     continue
                 try:
-                    values[node] = _run_node(graph, node, values)
+                    values[node] = self._run_forward(node, values, pooled)
                 except RuntimeError as err:
                     raise ValueError(
                         f"input of shape {tuple(x.shape)} does not fit the model: "
@@ -111,7 +119,17 @@ class LRP:
                     if done not in needed:
                         values.pop(done, None)
         output = values[graph.layers[graph.output_layer].node]
-        return ForwardPass(graph, values, output, reuse)  # type: ignore[arg-type]
+        return ForwardPass(graph, values, output, reuse, pooled=pooled)  # type: ignore[arg-type]
+
+    def _run_forward(self, node: fx.Node, values, pooled) -> object:
+        """One node of the forward pass; max-pooling modules also leave their indices."""
+        layer = self._pools.get(node)
+        if layer is not None:
+            x = values[node.all_input_nodes[0]]
+            out, indices = layer.op.pool_with_indices(layer.module, x)
+            pooled[layer.index] = (indices, x.shape)
+            return out
+        return _run_node(self.graph, node, values)
 
     # -- relevance ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -164,6 +182,8 @@ class LRP:
         rule = self.rules[layer.index]
         if isinstance(rule, PassRule) and layer.op.elementwise:
             return [R] + [None] * (len(layer.inputs) - 1)  # inputs were not kept
+        if isinstance(rule, PassRule) and layer.index in fp.pooled:
+            return [layer.op.unpool(R, *fp.pooled[layer.index])]
         inputs = fp.inputs(layer)
         if isinstance(rule, PassRule):
             return layer.op.route(R, inputs, _evaluator(fp, layer), layer.gate)
@@ -180,7 +200,10 @@ class LRP:
         evaluate = _evaluator(fp, layer)
         result: list[Tensor | None] = [None] * len(inputs)
         for p, part in enumerate(rule.parts()):
-            terms = [_prepare(t, layer, inputs, nonneg) for t in part.terms]
+            terms = [
+                _prepare(t, layer, inputs, nonneg, self._params.view(layer.index, p, k))
+                for k, t in enumerate(part.terms)
+            ]
             terms = [t for t in terms if t is not None]
             d = fp.cache.get((layer.index, p))
             if d is None:
@@ -236,7 +259,28 @@ class _PreparedTerm:
     sign: float
 
 
-def _prepare(term: Term, layer: Layer, inputs: list[Tensor], nonneg: bool) -> _PreparedTerm | None:
+class _ParamCache:
+    """Modified parameters (W+, W + g W+, ...) computed once per layer and term, and again
+    only when the parameter changes (its version counter moves, e.g. after training steps)."""
+
+    def __init__(self) -> None:
+        self._store: dict[tuple, tuple[int, int, Tensor]] = {}
+
+    def view(self, *key) -> Callable[[str, Tensor, Callable[[Tensor], Tensor]], Tensor]:
+        def get(name: str, param: Tensor, modify: Callable[[Tensor], Tensor]) -> Tensor:
+            stamp = (param._version, param.data_ptr())
+            hit = self._store.get((*key, name))
+            if hit is None or hit[:2] != stamp:
+                hit = (*stamp, modify(param.detach()))
+                self._store[(*key, name)] = hit
+            return hit[2]
+
+        return get
+
+
+def _prepare(
+    term: Term, layer: Layer, inputs: list[Tensor], nonneg: bool, params
+) -> _PreparedTerm | None:
     """Modify inputs and parameters once; drop terms that vanish on non-negative inputs."""
     if nonneg and term.input is negative and term.bias is None:
         return None  # x- = 0 and no bias: the term contributes nothing
@@ -245,9 +289,9 @@ def _prepare(term: Term, layer: Layer, inputs: list[Tensor], nonneg: bool) -> _P
     module = layer.module
     weight = bias = None
     if layer.op.parametric:
-        weight = term.weight(module.weight)
+        weight = params("weight", module.weight, term.weight)
         if module.bias is not None and term.bias is not None:
-            bias = term.bias(module.bias)
+            bias = params("bias", module.bias, term.bias)
     return _PreparedTerm(term.is_plain, modified, weight, bias, term.sign)
 
 
@@ -328,17 +372,28 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     return out
 
 
-def _needed_values(graph: Graph, rules: Sequence[Rule]) -> set[fx.Node]:
+def _needed_values(graph: Graph, rules: Sequence[Rule], pools: set[fx.Node]) -> set[fx.Node]:
     """fx nodes whose values the relevance pass reads; the rest are freed during forward."""
     layer_nodes = {layer.node for layer in graph.layers}
     needed = {n for n in graph.module.graph.nodes if n not in layer_nodes}  # shapes, constants
     needed.add(graph.layers[graph.output_layer].node)
     for layer, rule in zip(graph.layers, rules, strict=True):
-        if not (isinstance(rule, PassRule) and layer.op.elementwise):
+        routed_without_inputs = layer.op.elementwise or layer.node in pools
+        if not (isinstance(rule, PassRule) and routed_without_inputs):
             needed.update(layer.node.all_input_nodes)
-        if not isinstance(rule, PassRule):
-            needed.add(layer.node)  # denominators reuse the layer's own output
+        if _reads_own_output(rule):
+            needed.add(layer.node)
     return needed
+
+
+def _reads_own_output(rule: Rule) -> bool:
+    """A part whose denominator is the layer's plain output, or that selects by its sign."""
+    if isinstance(rule, (PassRule, LayerNormRule)):
+        return False
+    return any(
+        part.select is not None or (len(part.terms) == 1 and part.terms[0].is_plain)
+        for part in rule.parts()
+    )
 
 
 def _nonnegative_layers(graph: Graph) -> set[int]:

@@ -80,6 +80,46 @@ class Gate(Op):
         return out
 
 
+_WINDOW_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_ADAPTIVE_POOLS = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+@dataclass(frozen=True)
+class MaxPool(Op):
+    """Max pooling: relevance goes to the winner of each window. Pooling modules report their
+    indices during the forward pass, so the relevance pass needs neither input nor recompute."""
+
+    def reports_indices(self, module: nn.Module | None) -> bool:
+        return isinstance(module, _WINDOW_POOLS + _ADAPTIVE_POOLS)
+
+    def pool_with_indices(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(output, flat spatial indices of the winners) of a max-pooling module."""
+        if isinstance(module, _WINDOW_POOLS):
+            fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[x.dim() - 3]
+            return fn(
+                x,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                ceil_mode=module.ceil_mode,
+                return_indices=True,
+            )
+        fn = (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)[x.dim() - 3]
+        return fn(x, module.output_size, return_indices=True)
+
+    @staticmethod
+    def unpool(R: Tensor, indices: Tensor, input_shape: torch.Size) -> Tensor:
+        """Scatter R (K, B, C, ...) back to the winners' positions in the input."""
+        k = R.shape[0]
+        flat = torch.zeros(
+            k, *input_shape[:2], input_shape[2:].numel(), dtype=R.dtype, device=R.device
+        )
+        index = indices.flatten(2).expand(k, *indices.shape[:2], -1)
+        flat.scatter_add_(-1, index, R.flatten(3))
+        return flat.reshape(k, *input_shape)
+
+
 @dataclass(frozen=True)
 class Dense(Op):
     """``nn.Linear``."""
@@ -176,7 +216,7 @@ RESHAPE = Reshape("reshape", linear=True)
 CONCAT = Op("concat", linear=True)
 SUM = Op("add", linear=True)
 AVGPOOL = Op("avgpool", linear=True)
-MAXPOOL = Op("maxpool")
+MAXPOOL = MaxPool("maxpool")
 SOFTMAX = Op("softmax")
 GATE = Gate("gate")
 GATE_SOURCES = (nn.Sigmoid, nn.Hardsigmoid, torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid")
