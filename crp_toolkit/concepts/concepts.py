@@ -40,12 +40,13 @@ class Concept:
             )
 
 
-def _one_hot(ids: Sequence[Sequence[Sequence[int]]], n: int, like: Tensor) -> Tensor:
-    """(S, B, n) with ones at the given ids (several ids OR-ed)."""
+def one_hot(ids: Sequence[Sequence[Sequence[int]]], n: int, like: Tensor) -> Tensor:
+    """(S, B, n) with ones at the given ids (several ids OR-ed), set in one indexed write."""
+    cells = [(s, b, i) for s, row in enumerate(ids) for b, chosen in enumerate(row) for i in chosen]
     out = torch.zeros(len(ids), len(ids[0]), n, dtype=like.dtype, device=like.device)
-    for s, per_sample in enumerate(ids):
-        for b, chosen in enumerate(per_sample):
-            out[s, b, list(chosen)] = 1.0
+    if cells:
+        index = torch.tensor(cells, device=like.device).T
+        out[index[0], index[1], index[2]] = 1.0
     return out
 
 
@@ -60,7 +61,7 @@ class ChannelConcept(Concept):
         return R.flatten(2).sum(2) if R.dim() > 2 else R
 
     def mask(self, ids, activation: Tensor) -> Tensor:
-        m = _one_hot(ids, activation.shape[1], activation)
+        m = one_hot(ids, activation.shape[1], activation)
         return m.reshape(*m.shape, *([1] * (activation.dim() - 2)))
 
 
@@ -76,7 +77,7 @@ class NeuronConcept(Concept):
         return R.flatten(1)
 
     def mask(self, ids, activation: Tensor) -> Tensor:
-        m = _one_hot(ids, activation[0].numel(), activation)
+        m = one_hot(ids, activation[0].numel(), activation)
         return m.reshape(*m.shape[:2], *activation.shape[1:])
 
 
@@ -108,7 +109,7 @@ class DirectionConcept(Concept):
     def mask(self, ids, activation: Tensor) -> Tensor:
         basis = self.basis.to(activation)
         c = self.coefficients(activation)  # (B, K, ...)
-        select = _one_hot(ids, basis.shape[0], activation)  # (S, B, K)
+        select = one_hot(ids, basis.shape[0], activation)  # (S, B, K)
         spatial = [1] * (activation.dim() - 2)
         weights = select.reshape(*select.shape, *spatial) * c[None]  # (S, B, K, ...)
         part = torch.einsum("sbk...,kc->sbc...", weights, basis)  # this direction's share of a

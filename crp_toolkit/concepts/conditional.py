@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from crp_toolkit.concepts.concepts import ChannelConcept, Concept
+from crp_toolkit.concepts.concepts import ChannelConcept, Concept, one_hot
 from crp_toolkit.engine.lrp import LRP, ForwardPass
 
 OUTPUT = "y"
@@ -231,22 +231,15 @@ class CondAttribution:
             )
         output = fp.output
         classes = output.shape[1]
-        one_hot = torch.zeros(len(grid), batch, classes, dtype=output.dtype, device=output.device)
-        for s, row in enumerate(grid):
-            for b, cond in enumerate(row):
-                if cond is None:
-                    continue
-                chosen = _ids(cond[OUTPUT], OUTPUT)
-                bad = [y for y in chosen if not 0 <= y < classes]
-                if bad:
-                    raise ValueError(
-                        f"target(s) {bad} out of range: the model has {classes} classes"
-                    )
-                one_hot[s, b, chosen] = 1.0
-        if all(torch.equal(one_hot[0], one_hot[s]) for s in range(len(grid))):
-            one_hot = one_hot[:1]
+        ys = [[_ids(c[OUTPUT], OUTPUT) if c is not None else [] for c in row] for row in grid]
+        bad = sorted({y for row in ys for chosen in row for y in chosen if not 0 <= y < classes})
+        if bad:
+            raise ValueError(f"target(s) {bad} out of range: the model has {classes} classes")
+        if all(row == ys[0] for row in ys):
+            ys = ys[:1]  # one output relevance shared by every slot
+        selected = one_hot(ys, classes, output)
         value = 1.0 if self.analyzer.normalize_output_relevance else output[None]
-        return {self.analyzer.graph.output_layer: one_hot * value}
+        return {self.analyzer.graph.output_layer: selected * value}
 
 
 def _groups(conditions: Sequence[dict]) -> list[list[int]]:

@@ -204,7 +204,7 @@ class LRP:
                 _prepare(t, layer, inputs, nonneg, self._params.view(layer.index, p, k))
                 for k, t in enumerate(part.terms)
             ]
-            terms = [t for t in terms if t is not None]
+            terms = _fuse([t for t in terms if t is not None], layer)
             d = fp.cache.get((layer.index, p))
             if d is None:
                 d = part.denominator(_part_output(fp, layer, terms, evaluate), rule.stabilizer)
@@ -214,7 +214,9 @@ class LRP:
             s = R_part / d
             for term in terms:
                 if layer.op.parametric:
-                    grads = [layer.op.transpose_params(s, inputs[0], layer.module, term.weight)]
+                    grads = [
+                        layer.op.transpose_params(s, term.inputs[0], layer.module, term.weight)
+                    ]
                 else:
                     grads = layer.op.transpose(s, inputs, evaluate)
                 scale = part.coef * term.sign
@@ -222,6 +224,11 @@ class LRP:
                     if g is None:
                         continue
                     contribution = x * g if scale == 1.0 else scale * (x * g)
+                    if term.fused > 1:  # sum the stacked terms' slices
+                        dim = -1 if layer.kind == "linear" else 2
+                        shape = list(contribution.shape)
+                        shape[dim : dim + 1 or None] = [term.fused, shape[dim] // term.fused]
+                        contribution = contribution.reshape(shape).sum(dim - 1 if dim < 0 else dim)
                     result[j] = contribution if result[j] is None else result[j] + contribution
         return result
 
@@ -257,6 +264,7 @@ class _PreparedTerm:
     weight: Tensor | None
     bias: Tensor | None
     sign: float
+    fused: int = 1  # how many terms are stacked along the input channels
 
 
 class _ParamCache:
@@ -293,6 +301,22 @@ def _prepare(
         if module.bias is not None and term.bias is not None:
             bias = params("bias", module.bias, term.bias)
     return _PreparedTerm(term.is_plain, modified, weight, bias, term.sign)
+
+
+def _fuse(terms: list[_PreparedTerm], layer: Layer) -> list[_PreparedTerm]:
+    """Stack the terms of a part along input channels, so a conv or dense layer runs one
+    modified forward and one transposed op instead of one per term (ZBox, AlphaBeta, ...)."""
+    module = layer.module
+    if len(terms) < 2 or not layer.op.parametric or getattr(module, "groups", 1) != 1:
+        return terms
+    if getattr(module, "transposed", False) or getattr(module, "padding_mode", "zeros") != "zeros":
+        return terms
+    dim = -1 if layer.kind == "linear" else 1
+    x = torch.cat([t.inputs[0] for t in terms], dim=dim)
+    weight = torch.cat([t.sign * t.weight for t in terms], dim=1)
+    biases = [t.sign * t.bias for t in terms if t.bias is not None]
+    bias = torch.stack(biases).sum(0) if biases else None
+    return [_PreparedTerm(False, [x], weight, bias, 1.0, fused=len(terms))]
 
 
 def _part_output(fp: ForwardPass, layer: Layer, terms: Sequence[_PreparedTerm], evaluate) -> Tensor:
