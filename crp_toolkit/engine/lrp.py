@@ -207,7 +207,9 @@ class LRP:
             terms = _fuse([t for t in terms if t is not None], layer)
             d = fp.cache.get((layer.index, p))
             if d is None:
-                d = part.denominator(_part_output(fp, layer, terms, evaluate), rule.stabilizer)
+                z = _part_output(fp, layer, terms, evaluate)
+                fresh = not (len(terms) == 1 and terms[0].plain)  # not the saved output
+                d = part.denominator(z, rule.stabilizer, fresh=fresh)
                 if fp.reuse:
                     fp.cache[(layer.index, p)] = d
             R_part = R if part.select is None else R * part.select(fp.value(layer.index))
@@ -223,7 +225,12 @@ class LRP:
                 for j, (x, g) in enumerate(zip(term.inputs, grads, strict=True)):
                     if g is None:
                         continue
-                    contribution = x * g if scale == 1.0 else scale * (x * g)
+                    own = layer.op.parametric and g.shape == torch.broadcast_shapes(
+                        g.shape, x.shape
+                    )
+                    contribution = g.mul_(x) if own else g * x  # g is fresh from a transpose
+                    if scale != 1.0:
+                        contribution.mul_(scale)
                     if term.fused > 1:  # sum the stacked terms' slices
                         dim = -1 if layer.kind == "linear" else 2
                         shape = list(contribution.shape)

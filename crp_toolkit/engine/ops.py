@@ -55,6 +55,30 @@ class Reshape(Op):
 
 
 @dataclass(frozen=True)
+class Sum(Op):
+    """Sums of tensors (residual adds): the transpose hands each input the gradient, summed
+    over the axes it was broadcast along."""
+
+    def transpose(
+        self, grad: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate, gate: int | None = None
+    ) -> list[Tensor | None]:
+        return [_unbroadcast(grad, x.shape) for x in inputs]
+
+
+def _unbroadcast(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Sum (K, ...) ``grad`` down to (K, *shape)."""
+    target = (grad.shape[0], *shape)
+    if grad.shape == target:
+        return grad
+    lead = grad.dim() - len(target)
+    summed = grad.sum(tuple(range(1, 1 + lead))) if lead else grad
+    axes = [
+        i for i, (g, t) in enumerate(zip(summed.shape, target, strict=True)) if t == 1 and g != 1
+    ]
+    return summed.sum(axes, keepdim=True) if axes else summed
+
+
+@dataclass(frozen=True)
 class Gate(Op):
     """Elementwise product where one factor gates the other (squeeze-excitation). The gate
     is held constant, so all relevance goes to the gated input."""
@@ -214,7 +238,7 @@ BATCHNORM = Op("batchnorm", elementwise=True)
 LAYERNORM = Op("layernorm", elementwise=True)
 RESHAPE = Reshape("reshape", linear=True)
 CONCAT = Op("concat", linear=True)
-SUM = Op("add", linear=True)
+SUM = Sum("add", linear=True)
 AVGPOOL = Op("avgpool", linear=True)
 MAXPOOL = MaxPool("maxpool")
 SOFTMAX = Op("softmax")

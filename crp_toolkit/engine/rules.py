@@ -90,13 +90,13 @@ class Part:
     select: Callable[[Tensor], Tensor] | None = None
     sign: int = 0  # +1 / -1 when the denominator is >= 0 / <= 0 by construction
 
-    def denominator(self, z: Tensor, eps: float) -> Tensor:
-        """``s(z)``; a single shift (in place on a fresh ``z``) where the sign is known."""
-        if self.sign > 0:
-            return z + eps
-        if self.sign < 0:
-            return z - eps
-        return stabilize(z, eps)
+    def denominator(self, z: Tensor, eps: float, *, fresh: bool = False) -> Tensor:
+        """``s(z)``; where the sign is known, a single shift (in place when ``z`` is a fresh
+        tensor nobody else holds)."""
+        if self.sign == 0:
+            return stabilize(z, eps)
+        shift = eps if self.sign > 0 else -eps
+        return z.add_(shift) if fresh else z + shift
 
 
 class Rule:
