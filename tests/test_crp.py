@@ -179,9 +179,9 @@ def cut_layers(graph, kinds=("conv", "activation")) -> list[str]:
         after = graph.descendants(layer.index)
         before = graph.ancestors(layer.index)
         reads = {i for j in after for i in graph.layers[j].inputs}
-        if layer.kind in kinds and len(before) + len(after) + 1 == len(graph.layers):
-            if reads <= after | {layer.index}:
-                cuts.append(layer.name)
+        spans = len(before) + len(after) + 1 == len(graph.layers)
+        if layer.kind in kinds and spans and reads <= after | {layer.index}:
+            cuts.append(layer.name)
     return cuts
 
 

@@ -245,14 +245,18 @@ def _unsupported(node: fx.Node, module: nn.Module | None) -> UnsupportedLayerErr
         what = f"module {node.target!r} of type {type(module).__name__}"
         how = (
             "register a rule for it with crp_toolkit.engine.ops.register_module_op("
-            f"{type(module).__name__}, <an Op such as ops.Elementwise()>)"
+            f"{type(module).__name__}, ops.ELEMENTWISE or another op of crp_toolkit.engine.ops)"
         )
     else:
         target = getattr(node.target, "__name__", node.target)
         stack = node.meta.get("nn_module_stack") or {}
         scope = next(reversed(stack.values()))[0] if stack else "<top level>"
         what = f"op {target!r} ({node.op}) inside {scope!r}"
-        how = "register it with crp_toolkit.engine.ops.register_function_op(<function>, <Op>)"
+        how = (
+            f"register it with crp_toolkit.engine.ops.register_method_op({target!r}, <Op>)"
+            if node.op == "call_method"
+            else "register it with crp_toolkit.engine.ops.register_function_op(<function>, <Op>)"
+        )
     kinds = ", ".join(sorted(KINDS))
     return UnsupportedLayerError(
         f"no LRP rule for {what}; supported kinds: {kinds}. To explain this model, {how}."

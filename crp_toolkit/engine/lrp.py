@@ -79,6 +79,7 @@ class LRP:
         self.composite = composite if composite is not None else Composite(GlobalMap(ZeroRule()))
         self.normalize_output_relevance = normalize_output_relevance
         self.graph = trace(model)
+        _refuse_softmax_output(self.graph)
         self.rules: list[Rule] = _checked_rules(self.graph, self.composite.assign(self.graph))
         self._nonnegative = _nonnegative_layers(self.graph)
         self._params = _ParamCache()
@@ -88,7 +89,6 @@ class LRP:
             if layer.kind == "maxpool" and layer.op.reports_indices(layer.module)
         }
         self._needed = _needed_values(self.graph, self.rules, set(self._pools))
-        _refuse_softmax_output(self.graph)
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: Tensor, *, reuse: bool = False, keep: Iterable[int] = ()) -> ForwardPass:
@@ -207,9 +207,10 @@ class LRP:
             terms = _fuse([t for t in terms if t is not None], layer)
             d = fp.cache.get((layer.index, p))
             if d is None:
-                z = _part_output(fp, layer, terms, evaluate)
                 fresh = not (len(terms) == 1 and terms[0].plain)  # not the saved output
+                z = _part_output(fp, layer, terms, evaluate)
                 d = part.denominator(z, rule.stabilizer, fresh=fresh)
+                del z  # a modified forward's output is not kept beside its denominator
                 if fp.reuse:
                     fp.cache[(layer.index, p)] = d
             R_part = R if part.select is None else R * part.select(fp.value(layer.index))

@@ -417,6 +417,11 @@ def register_function_op(function: Callable, op: Op) -> None:
     _FUNCTION_OPS[function] = op
 
 
+def register_method_op(method: str, op: Op) -> None:
+    """Teach the engine a tensor method called inside ``forward``, e.g. ``("abs", ...)``."""
+    _METHOD_OPS[method] = op
+
+
 def op_for_module(module: nn.Module) -> Op | None:
     for cls in type(module).__mro__:
         if cls in _MODULE_OPS:
