@@ -209,7 +209,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--concepts", type=int, default=64, help="heatmaps of the one image")
-    p.add_argument("--images", type=int, default=None, help="many-images: images (64 gpu, 8 cpu)")
+    p.add_argument("--images", type=int, default=None, help="many-images: images (32 gpu, 6 cpu)")
     p.add_argument("--per-image", type=int, default=8, help="many-images: concepts per image")
     p.add_argument("--zennit-batch", type=int, default=16, help="zennit-crp generate batch size")
     p.add_argument("--memory-budget", type=int, default=2**30, help="ours: bytes per chunk")
@@ -223,7 +223,9 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     if args.images is None:
-        args.images = 32 if device.type == "cuda" else 8
+        args.images = 32 if device.type == "cuda" else 6
+    if args.images == args.per_image:  # zennit-crp would pair images with conditions
+        p.error("--images must differ from --per-image (equal counts make zennit-crp pair them)")
     if args.quick:
         args.size, args.concepts, args.images, args.per_image, args.rounds = 64, 8, 2, 4, 1
     if device.type == "cpu":

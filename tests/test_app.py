@@ -1,0 +1,157 @@
+"""The command line (real Hydra runs in subprocesses), the concept world and its CNN."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import FASHION_DIR
+
+from crp_toolkit.data.training import load_world_model
+from crp_toolkit.data.world import (
+    CLASS_RULES,
+    CONCEPTS,
+    ConceptWorld,
+    WorldObject,
+    class_of,
+    matches,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "crp_toolkit", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_explain_runs_the_default_and_records_its_config(tmp_path):
+    run = cli("explain", f"hydra.run.dir={tmp_path}", "explain.indices=[0,1,2]")
+    assert run.returncode == 0, run.stderr
+    assert f"results in {tmp_path}" in run.stdout
+    for name in ("heatmaps.png", "concepts.png", "heatmaps/heatmap_002.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    config = yaml.safe_load((tmp_path / ".hydra" / "config.yaml").read_text())
+    assert config["stage"] == "explain"
+    assert config["model"]["_target_"] == "crp_toolkit.data.training.load_world_model"
+    assert config["explain"]["indices"] == [0, 1, 2]
+
+
+def test_a_typo_in_a_key_fails_at_start_naming_it(tmp_path):
+    run = cli("explain", f"hydra.run.dir={tmp_path}", "explain.indicez=[0]")
+    assert run.returncode != 0
+    assert "indicez" in run.stderr
+    assert not (tmp_path / "heatmaps.png").exists()
+
+
+def test_a_wrong_type_fails_at_start(tmp_path):
+    run = cli("explain", f"hydra.run.dir={tmp_path}", "explain.top_concepts=many")
+    assert run.returncode != 0
+    assert "top_concepts" in run.stderr
+
+
+def test_an_unknown_choice_lists_the_valid_ones(tmp_path):
+    run = cli("explain", f"hydra.run.dir={tmp_path}", "composite=epsilon_magic")
+    assert run.returncode != 0
+    assert "epsilon_plus_flat" in run.stderr
+
+
+def test_an_unknown_stage_prints_the_usage():
+    run = cli("explian")
+    assert run.returncode == 2
+    assert "stages: explain" in run.stderr
+
+
+def test_the_fashion_fixture_runs_through_the_same_command_line(tmp_path):
+    """A user's own model class and .npz data, given only by config overrides."""
+    run = cli(
+        "explain",
+        f"hydra.run.dir={tmp_path}",
+        "model=state_dict",
+        "model.module._target_=crp_toolkit.data.fashion.FashionCNN",
+        f"model.weights={FASHION_DIR / 'fashion_cnn_state_dict.pt'}",
+        "dataset=npz",
+        f"dataset.path={FASHION_DIR / 'fashion_val.npz'}",
+        "dataset.images_key=val_set",
+        "dataset.labels_key=targets",
+        "concepts.layers=[conv2]",
+        "explain.indices=[0,1]",
+    )
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "concepts.png").exists()
+
+
+def test_experiment_configs_in_the_project_conf_folder_extend_the_defaults(tmp_path):
+    if not (ROOT.parent / "shared" / "data" / "fashion").is_dir():
+        pytest.skip("the experiment config names ../shared relative to the project root")
+    run = cli("explain", f"hydra.run.dir={tmp_path}", "+experiment=fashion", "explain.indices=[3]")
+    assert run.returncode == 0, run.stderr
+    config = yaml.safe_load((tmp_path / ".hydra" / "config.yaml").read_text())
+    assert config["model"]["module"]["_target_"] == "crp_toolkit.data.fashion.FashionCNN"
+
+
+def test_a_missing_weights_file_is_a_clear_error(tmp_path):
+    run = cli(
+        "explain",
+        f"hydra.run.dir={tmp_path}",
+        "model=torchvision",
+        "model.name=resnet18",
+        f"model.weights={tmp_path / 'nope.pth'}",
+    )
+    assert run.returncode != 0
+    assert "nope.pth does not exist" in run.stderr
+
+
+def test_the_world_is_deterministic_and_carries_its_ground_truth():
+    world = ConceptWorld(n=40, seed=3)
+    again = ConceptWorld(n=40, seed=3)
+    for i in range(40):
+        a, b = world.sample(i), again.sample(i)
+        np.testing.assert_array_equal(a.image, b.image)
+        assert a.label == b.label
+        assert a.image.shape == (3, 64, 64) and a.image.min() >= 0 and a.image.max() <= 1
+        np.testing.assert_array_equal(a.concepts, a.masks.reshape(len(CONCEPTS), -1).any(1))
+    other = ConceptWorld(n=40, seed=4)
+    assert any(not np.array_equal(world.sample(i).image, other.sample(i).image) for i in range(5))
+
+
+def test_class_rules_are_unambiguous():
+    """Every possible object matches at most one class rule; some match none (distractors)."""
+    objects = [
+        WorldObject(s, c, t)
+        for s in ("circle", "square", "triangle")
+        for c in ("red", "green", "blue")
+        for t in ("plain", "stripes", "dots")
+    ]
+    matched = [sum(matches(obj, rule) for rule in CLASS_RULES) for obj in objects]
+    assert max(matched) == 1
+    assert matched.count(0) >= 5
+    assert {class_of(obj) for obj in objects} == {None, *range(len(CLASS_RULES))}
+
+
+def test_the_watermark_correlates_with_its_class():
+    world = ConceptWorld(n=600, seed=0)
+    marked = np.array([world.sample(i).concepts[CONCEPTS.index("watermark")] for i in range(600)])
+    labels = world.labels()
+    assert marked[labels == 0].mean() > 0.6
+    assert marked[labels != 0].mean() < 0.15
+
+
+def test_the_shipped_model_classifies_the_test_world():
+    model = load_world_model()
+    world = ConceptWorld(n=300, seed=1)
+    x = torch.stack([world[i][0] for i in range(300)])
+    y = torch.tensor([world[i][1] for i in range(300)])
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1) == y).float().mean()
+    assert accuracy > 0.95
