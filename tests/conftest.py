@@ -26,3 +26,12 @@ def fashion_model():
 def fashion_data():
     """The first 64 validation images (N, 1, 28, 28) in [0, 1] and their labels."""
     return load_fashion_data(FASHION_DIR / "fashion_val.npz", limit=64)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: one thread beats two (no OpenMP hand-offs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -234,3 +234,21 @@ def assert_unchanged(model: nn.Module, before: dict[str, object]) -> None:
         assert after[key] == before[key], f"{key} of the caller's model changed"
     for name, value in before["state"].items():
         assert torch.equal(after["state"][name], value), f"{name} of the caller's model changed"
+
+
+class ZennitCrpCase(nn.Module):
+    """zennit-crp's analytic test model: two bias-free dense layers reading x, concatenated,
+    then a third; x = [-1, 1] gives the output 10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(2, 2, bias=False)
+        self.layer2 = nn.Linear(2, 2, bias=False)
+        self.layer3 = nn.Linear(4, 1, bias=False)
+        with torch.no_grad():
+            self.layer1.weight.copy_(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+            self.layer2.weight.copy_(torch.tensor([[2.0, 3.0], [0.0, 0.0]]))
+            self.layer3.weight.copy_(torch.tensor([[1.0, 4.0, 5.0, 0.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer3(torch.cat([self.layer1(x), self.layer2(x)], dim=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,66 @@ def test_the_shipped_model_classifies_the_test_world():
     with torch.no_grad():
         accuracy = (model(x).argmax(1) == y).float().mean()
     assert accuracy > 0.95
+
+
+def _image_folder(root: Path, classes: int, per_class: int = 2, corrupt: bool = False) -> Path:
+    from PIL import Image
+
+    world = ConceptWorld(n=classes * per_class * 4, seed=5)
+    for k in range(classes):
+        (root / f"class_{k}").mkdir(parents=True)
+    written = dict.fromkeys(range(classes), 0)
+    for i in range(len(world)):
+        sample = world.sample(i)
+        if sample.label < classes and written[sample.label] < per_class:
+            pixels = (sample.image.transpose(1, 2, 0) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class_{sample.label}" / f"{i:03d}.png")
+            written[sample.label] += 1
+    if corrupt:
+        (root / "class_0" / "000_corrupt.png").write_bytes(b"not an image at all")
+    return root
+
+
+def _folder_overrides(root: Path) -> list[str]:
+    return [
+        "dataset=image_folder",
+        f"dataset.root={root}",
+        "dataset.resize=64",
+        "dataset.crop=64",
+        "dataset.mean=[0,0,0]",
+        "dataset.std=[1,1,1]",
+    ]
+
+
+def test_unreadable_images_are_skipped_and_listed(tmp_path):
+    root = _image_folder(tmp_path / "data", classes=6, corrupt=True)
+    out = tmp_path / "run"
+    run = cli(
+        "explain", f"hydra.run.dir={out}", *_folder_overrides(root), "explain.indices=[0,1,2]"
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["explained"] == [1, 2]
+    assert report["skipped"][0]["index"] == 0  # the corrupt file sorts first in class_0
+    assert "UnidentifiedImageError" in report["skipped"][0]["error"]
+
+
+def test_unreadable_images_fail_the_run_when_asked(tmp_path):
+    root = _image_folder(tmp_path / "data", classes=6, corrupt=True)
+    run = cli(
+        "explain",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *_folder_overrides(root),
+        "loader.on_error=fail",
+        "explain.indices=[0,1]",
+    )
+    assert run.returncode != 0
+    assert "sample 0 could not be read" in run.stderr
+
+
+def test_a_class_count_that_does_not_match_the_model_fails_at_start(tmp_path):
+    root = _image_folder(tmp_path / "data", classes=3)
+    run = cli("explain", f"hydra.run.dir={tmp_path / 'run'}", *_folder_overrides(root))
+    assert run.returncode != 0
+    assert "3 classes but the model has 6 outputs" in run.stderr
+    assert not (tmp_path / "run" / "heatmaps.png").exists()

@@ -30,6 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zennit.rules as zr
+from reference import ZennitCrpCase
 from torch import Tensor, nn
 from zennit.composites import NameMapComposite
 
@@ -54,13 +55,7 @@ TOL = 1e-10
 
 
 # -- helpers ---------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is much faster than two on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _s(d: Tensor, eps: float) -> Tensor:
@@ -530,24 +525,6 @@ def test_relevancepropagation_jl_zero_rule_dense() -> None:
     assert got.shape == (1, 1, 2)
     want = torch.tensor([17 / 90, 316 / 675], dtype=DT)
     torch.testing.assert_close(got[0, 0], want, rtol=1e-8, atol=0)
-
-
-class ZennitCrpCase(nn.Module):
-    """zennit-crp's analytic test model: two bias-free dense layers reading x, concatenated,
-    then a third; x = [-1, 1] gives the output 10."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer1 = nn.Linear(2, 2, bias=False)
-        self.layer2 = nn.Linear(2, 2, bias=False)
-        self.layer3 = nn.Linear(4, 1, bias=False)
-        with torch.no_grad():
-            self.layer1.weight.copy_(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
-            self.layer2.weight.copy_(torch.tensor([[2.0, 3.0], [0.0, 0.0]]))
-            self.layer3.weight.copy_(torch.tensor([[1.0, 4.0, 5.0, 0.0]]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layer3(torch.cat([self.layer1(x), self.layer2(x)], dim=1))
 
 
 @pytest.mark.parametrize("rule", [ZeroRule(), EpsilonRule()], ids=["zero", "epsilon"])

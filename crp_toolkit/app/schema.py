@@ -17,6 +17,14 @@ class ConceptsConfig:
 
 
 @dataclass
+class LoaderConfig:
+    batch_size: int = 64
+    num_workers: int = 2
+    pin_memory: bool = True
+    on_error: str = "skip"  # skip unreadable samples (listed in report.json), or "fail"
+
+
+@dataclass
 class ExplainConfig:
     indices: list[int] = field(default_factory=lambda: list(range(8)))
     target: int | None = None
@@ -32,6 +40,7 @@ class Config:
     dataset: Any = MISSING
     composite: Any = MISSING
     concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
 
 
