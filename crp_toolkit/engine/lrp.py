@@ -89,6 +89,7 @@ class LRP:
             if layer.kind == "maxpool" and layer.op.reports_indices(layer.module)
         }
         self._needed = _needed_values(self.graph, self.rules, set(self._pools))
+        self._last_uses = _last_uses(self.graph.module.graph)
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: Tensor, *, reuse: bool = False, keep: Iterable[int] = ()) -> ForwardPass:
@@ -103,7 +104,6 @@ class LRP:
         needed = self._needed | {graph.layers[i].node for i in keep}
         values: dict[fx.Node, object] = {graph.input_node: x.detach()}
         pooled: dict[int, tuple[Tensor, torch.Size]] = {}
-        last_use = _last_uses(gm.graph)
         with torch.no_grad():
             for node in gm.graph.nodes:
                 if node.op in ("placeholder", "output"):
@@ -115,7 +115,7 @@ class LRP:
                         f"input of shape {tuple(x.shape)} does not fit the model: "
                         f"{node.op} {node.target!r} failed with: {err}"
                     ) from err
-                for done in last_use.get(node, ()):
+                for done in self._last_uses.get(node, ()):
                     if done not in needed:
                         values.pop(done, None)
         output = values[graph.layers[graph.output_layer].node]

@@ -1,0 +1,3 @@
+from crp_toolkit.app.cli import main
+
+main()

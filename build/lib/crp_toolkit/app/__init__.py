@@ -1,0 +1,1 @@
+"""The command line: Hydra-driven stages (``crp-toolkit <stage> [overrides]``)."""

@@ -1,0 +1,48 @@
+"""Config schemas (structured configs): a typo or a wrong type fails at start, naming the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+STAGES = ("explain",)
+
+
+@dataclass
+class ConceptsConfig:
+    layers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 64
+    num_workers: int = 2
+    pin_memory: bool = True
+    on_error: str = "skip"  # skip unreadable samples (listed in report.json), or "fail"
+
+
+@dataclass
+class ExplainConfig:
+    indices: list[int] = field(default_factory=lambda: list(range(8)))
+    target: int | None = None
+    top_concepts: int = 4
+
+
+@dataclass
+class Config:
+    stage: str = "explain"
+    device: str = "cpu"
+    seed: int = 0
+    model: Any = MISSING
+    dataset: Any = MISSING
+    composite: Any = MISSING
+    concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)

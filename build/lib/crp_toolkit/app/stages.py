@@ -1,0 +1,79 @@
+"""The pipeline's stages as run from a config: each takes the resolved config and writes into
+the run's output directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+import crp_toolkit as ct
+from crp_toolkit.atlas.figures import concept_figure
+from crp_toolkit.data.loading import first_readable, gather
+
+log = logging.getLogger("crp_toolkit")
+
+
+def run(cfg: DictConfig) -> None:
+    out = Path(HydraConfig.get().runtime.output_dir)
+    {"explain": explain}[cfg.stage](cfg, out)
+    print(f"results in {out}")
+
+
+def load(cfg: DictConfig):
+    """Model (canonized, softmax stripped), dataset and LRP analyzer from the config; a
+    dataset with more classes than the model has outputs is refused here, before any work."""
+    torch.manual_seed(cfg.seed)
+    model = ct.canonize(ct.strip_softmax(instantiate(cfg.model))).to(cfg.device)
+    dataset = instantiate(cfg.dataset)
+    analyzer = ct.LRP(model, instantiate(cfg.composite))
+    _check_classes(model, dataset, cfg.device)
+    return model, dataset, analyzer
+
+
+def _check_classes(model, dataset, device: str) -> None:
+    with torch.no_grad():
+        outputs = model(first_readable(dataset)[None].to(device)).shape[-1]
+    classes = getattr(dataset, "classes", None)
+    if classes is not None and len(classes) != outputs:
+        raise ValueError(
+            f"the dataset has {len(classes)} classes but the model has {outputs} outputs; "
+            "choose the matching model (e.g. model.num_classes) or dataset"
+        )
+
+
+def explain(cfg: DictConfig, out: Path) -> None:
+    """LRP heatmaps of the chosen inputs, and each input's most relevant concepts."""
+    _, dataset, analyzer = load(cfg)
+    batch = gather(dataset, list(cfg.explain.indices), **cfg.loader)
+    report = {"explained": batch.indices, "skipped": batch.skipped}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    for skipped in batch.skipped:
+        log.warning("skipped sample %d: %s", skipped["index"], skipped["error"])
+    if not batch.indices:
+        raise RuntimeError(f"none of explain.indices could be read; see {out / 'report.json'}")
+    x = batch.images.to(cfg.device)
+    expl = ct.analyze(x, analyzer, cfg.explain.target)
+    if (batch.labels >= expl.output.shape[1]).any():
+        raise ValueError(
+            f"labels {sorted(set(batch.labels.tolist()))} exceed the model's "
+            f"{expl.output.shape[1]} classes; is this the model for this dataset?"
+        )
+    names = getattr(dataset, "classes", None) or [str(k) for k in range(expl.output.shape[1])]
+    titles = [
+        f"{names[y]} -> {names[t]}"
+        for y, t in zip(batch.labels.tolist(), expl.target.tolist(), strict=True)
+    ]
+    ct.heatmap_figure(expl, inputs=x, titles=titles).savefig(out / "heatmaps.png", dpi=120)
+    paths = ct.save_heatmaps(expl, out / "heatmaps")
+    log.info("wrote %d heatmaps", len(paths))
+    if cfg.concepts.layers:
+        layer = cfg.concepts.layers[0]
+        crp = ct.CRP(analyzer, layer, ct.TopNFeatures(cfg.explain.top_concepts))
+        concepts = crp(x, expl.target)
+        concept_figure(x, concepts, layer).savefig(out / "concepts.png", dpi=120)

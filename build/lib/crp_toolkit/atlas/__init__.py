@@ -1,0 +1,1 @@
+"""Figures: heatmaps, and (later) concept atlases and the HTML atlas."""

@@ -1,0 +1,1 @@
+"""Concept Relevance Propagation: conditional relevance of concepts in chosen layers."""

@@ -1,0 +1,121 @@
+"""Concept types: how concept ids of a layer become masks on the relevance at its output.
+
+A mask has the shape of the layer's output per sample, with a leading slot axis ``(S, B, ...)``
+(or broadcastable to it); relevance for a concept is ``R * mask``. Masks of all concepts of a
+layer sum to one, so conditional relevances add up to the unconditional one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from crp_toolkit.engine.rules import stabilize
+
+
+class Concept:
+    """Base: ``mask(ids, activation)`` with ``ids[s][b]`` the concept ids (OR-ed) of slot s and
+    sample b, ``activation`` the layer's output (B, C, ...). ``count`` concepts per layer."""
+
+    def count(self, activation: Tensor) -> int:
+        raise NotImplementedError
+
+    def relevance(self, R: Tensor, activation: Tensor) -> Tensor:
+        """Relevance of every concept (B, n_concepts) from relevance R (B, C, ...) at the layer."""
+        raise NotImplementedError
+
+    def mask(self, ids: Sequence[Sequence[Sequence[int]]], activation: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def check(self, ids: Sequence[int], activation: Tensor, layer: str) -> None:
+        n = self.count(activation)
+        bad = [i for i in ids if not 0 <= int(i) < n]
+        if bad:
+            raise ValueError(
+                f"concept ids {bad} out of range for layer {layer!r}: it has {n} concepts "
+                f"({type(self).__name__}), valid ids are 0..{n - 1}"
+            )
+
+
+def one_hot(ids: Sequence[Sequence[Sequence[int]]], n: int, like: Tensor) -> Tensor:
+    """(S, B, n) with ones at the given ids (several ids OR-ed), set in one indexed write."""
+    cells = [(s, b, i) for s, row in enumerate(ids) for b, chosen in enumerate(row) for i in chosen]
+    out = torch.zeros(len(ids), len(ids[0]), n, dtype=like.dtype, device=like.device)
+    if cells:
+        index = torch.tensor(cells, device=like.device).T
+        out[index[0], index[1], index[2]] = 1.0
+    return out
+
+
+@dataclass(frozen=True)
+class ChannelConcept(Concept):
+    """A concept is a channel: a conv channel over all positions, or a dense unit."""
+
+    def count(self, activation: Tensor) -> int:
+        return activation.shape[1]
+
+    def relevance(self, R: Tensor, activation: Tensor) -> Tensor:
+        return R.flatten(2).sum(2) if R.dim() > 2 else R
+
+    def mask(self, ids, activation: Tensor) -> Tensor:
+        m = one_hot(ids, activation.shape[1], activation)
+        return m.reshape(*m.shape, *([1] * (activation.dim() - 2)))
+
+
+@dataclass(frozen=True)
+class NeuronConcept(Concept):
+    """A concept is one neuron: a flat index into the layer's (C, h, w) output, so
+    ``channel * h * w + row * w + col`` (for localising a channel's maximal position)."""
+
+    def count(self, activation: Tensor) -> int:
+        return activation[0].numel()
+
+    def relevance(self, R: Tensor, activation: Tensor) -> Tensor:
+        return R.flatten(1)
+
+    def mask(self, ids, activation: Tensor) -> Tensor:
+        m = one_hot(ids, activation[0].numel(), activation)
+        return m.reshape(*m.shape[:2], *activation.shape[1:])
+
+
+@dataclass(frozen=True)
+class DirectionConcept(Concept):
+    """Concepts are directions in channel space: rows of ``basis`` (n_concepts, C), e.g. from
+    NMF or PCA. The activation is decomposed as ``a = basis^T c`` (least squares), and concept
+    k receives ``c_k basis_k * R / a`` of each channel's relevance R; with a basis that spans
+    the activations the concept relevances sum exactly to R."""
+
+    basis: Tensor
+
+    def count(self, activation: Tensor) -> int:
+        return self.basis.shape[0]
+
+    def coefficients(self, activation: Tensor) -> Tensor:
+        """Concept coefficients c (B, n_concepts, ...) of an activation (B, C, ...)."""
+        basis = self.basis.to(activation)
+        a = activation.movedim(1, -1)
+        c = torch.linalg.lstsq(basis.T.expand(*a.shape[:-1], *basis.T.shape), a[..., None]).solution
+        return c[..., 0].movedim(-1, 1)
+
+    def relevance(self, R: Tensor, activation: Tensor) -> Tensor:
+        basis = self.basis.to(activation)
+        share = self.coefficients(activation)[:, :, None] * _expand(basis, activation)[None]
+        per_channel = share * (R / stabilize(activation, 1e-12))[:, None]  # (B, K, C, ...)
+        return per_channel.flatten(2).sum(2)
+
+    def mask(self, ids, activation: Tensor) -> Tensor:
+        basis = self.basis.to(activation)
+        c = self.coefficients(activation)  # (B, K, ...)
+        select = one_hot(ids, basis.shape[0], activation)  # (S, B, K)
+        spatial = [1] * (activation.dim() - 2)
+        weights = select.reshape(*select.shape, *spatial) * c[None]  # (S, B, K, ...)
+        part = torch.einsum("sbk...,kc->sbc...", weights, basis)  # this direction's share of a
+        return part / stabilize(activation, 1e-12)[None]
+
+
+def _expand(basis: Tensor, activation: Tensor) -> Tensor:
+    """(K, C) -> (K, C, 1, ...) to broadcast against an activation's spatial axes."""
+    return basis.reshape(*basis.shape, *([1] * (activation.dim() - 2)))

@@ -1,0 +1,148 @@
+"""``CRP(analyzer, layer, features)``: per-concept heatmaps of one layer's top or chosen
+concepts, as in RelevancePropagation.jl, plus concept relevance vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from crp_toolkit.concepts.concepts import ChannelConcept, Concept
+from crp_toolkit.concepts.conditional import propagate_conditioned
+from crp_toolkit.engine.explanation import resolve_target
+from crp_toolkit.engine.lrp import LRP
+
+
+@dataclass(frozen=True)
+class TopNFeatures:
+    """The ``n`` most relevant concepts of each sample."""
+
+    n: int
+
+    def select(self, scores: Tensor, layer: str) -> Tensor:
+        if not 0 < self.n <= scores.shape[1]:
+            raise ValueError(
+                f"TopNFeatures({self.n}) asks for more concepts than layer {layer!r} has "
+                f"({scores.shape[1]}); choose 1..{scores.shape[1]}"
+            )
+        return scores.topk(self.n, dim=1).indices
+
+
+class IndexedFeatures:
+    """The same chosen concepts for every sample: ``IndexedFeatures(1, 2, 10)``."""
+
+    def __init__(self, *ids: int) -> None:
+        if not ids:
+            raise ValueError("IndexedFeatures needs at least one concept id")
+        self.ids = tuple(int(i) for i in ids)
+
+    def select(self, scores: Tensor, layer: str) -> Tensor:
+        bad = [i for i in self.ids if not 0 <= i < scores.shape[1]]
+        if bad:
+            raise ValueError(
+                f"concept ids {bad} out of range for layer {layer!r}: valid ids are "
+                f"0..{scores.shape[1] - 1}"
+            )
+        return torch.tensor(self.ids, device=scores.device).expand(scores.shape[0], -1)
+
+    def __repr__(self) -> str:
+        return f"IndexedFeatures{self.ids}"
+
+
+@dataclass
+class CRPExplanation:
+    """``relevance``: (batch, n_features, *input shape); ``features``: the concept ids
+    (batch, n_features); ``scores``: relevance of every concept of the layer (batch,
+    n_concepts); ``output``/``target``: logits and explained class per sample."""
+
+    relevance: Tensor
+    features: Tensor
+    scores: Tensor
+    output: Tensor
+    target: Tensor
+
+    @property
+    def heatmaps(self) -> Tensor:
+        return self.relevance.sum(2)
+
+
+class CRP:
+    """Concept relevance propagation of one layer's concepts.
+
+    All concepts of a batch share one forward pass and the relevance pass above ``layer``;
+    the rest is batched over concepts within ``memory_budget`` bytes.
+    """
+
+    def __init__(
+        self,
+        analyzer: LRP,
+        layer: str,
+        features: TopNFeatures | IndexedFeatures,
+        *,
+        concept: Concept | None = None,
+        exclude_parallel: bool = True,
+        memory_budget: int = 2**30,
+    ) -> None:
+        self.analyzer = analyzer
+        self.layer = layer
+        self.index = analyzer.graph.index(layer)
+        self.features = features
+        self.concept = concept or ChannelConcept()
+        self.exclude_parallel = exclude_parallel
+        self.memory_budget = memory_budget
+
+    def __call__(
+        self, x: Tensor, target: int | Sequence[int] | Tensor | None = None
+    ) -> CRPExplanation:
+        an = self.analyzer
+        fp = an.forward(x, reuse=True, keep=[self.index])
+        target = resolve_target(fp.output, target)
+        init = {an.graph.output_layer: an.output_relevance(fp.output, target)[None]}
+        pending, _ = an.propagate(fp, init, stop=self.index)
+        activation = fp.value(self.index)
+        scores = self.concept.relevance(pending[self.index][0], activation)
+        chosen = self.features.select(scores, self.layer)  # (B, n)
+        ids = [[[int(c)] for c in chosen[:, k]] for k in range(chosen.shape[1])]
+        masks = {self.index: self.concept.mask(ids, activation)}
+        heat, _ = propagate_conditioned(
+            an,
+            fp,
+            pending,
+            masks,
+            exclude_parallel=self.exclude_parallel,
+            memory_budget=self.memory_budget,
+        )
+        return CRPExplanation(heat.transpose(0, 1), chosen, scores, fp.output, target)
+
+    def __repr__(self) -> str:
+        return f"CRP(layer={self.layer!r}, features={self.features!r}, concept={self.concept!r})"
+
+
+def concept_relevances(
+    analyzer: LRP,
+    x: Tensor,
+    layers: Sequence[str],
+    target: int | Sequence[int] | Tensor | None = None,
+    *,
+    abs_norm: bool = False,
+    concept: Concept | None = None,
+) -> dict[str, Tensor]:
+    """Relevance of every concept of each layer (summed over space), (B, n_concepts) per
+    layer, from one explanation; ``abs_norm`` divides by the sum of absolute values."""
+    concept = concept or ChannelConcept()
+    graph = analyzer.graph
+    index = [graph.index(name) for name in layers]
+    fp = analyzer.forward(x, keep=index)
+    target = resolve_target(fp.output, target)
+    activations = {i: fp.value(i) for i in index}
+    init = {graph.output_layer: analyzer.output_relevance(fp.output, target)[None]}
+    _, recorded = analyzer.propagate(fp, init, record=index)
+    out = {}
+    for name, i in zip(layers, index, strict=True):
+        scores = concept.relevance(recorded[i][0], activations[i])
+        if abs_norm:
+            scores = scores / scores.abs().sum(1, keepdim=True).clamp_min(1e-12)
+        out[name] = scores
+    return out

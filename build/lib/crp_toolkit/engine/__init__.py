@@ -1,0 +1,1 @@
+"""The LRP engine: tracing, rules, composites, canonizers and the analyzer."""

@@ -1,0 +1,230 @@
+"""Composites: which rule each layer gets, as a list of small declarative maps.
+
+A composite is a sequence of primitives; later primitives override earlier ones (as in
+RelevancePropagation.jl). A type map's keys are module classes (matched with ``isinstance``)
+or op kinds (strings, see ``crp_toolkit.engine.ops.KINDS``: "conv", "linear", "add",
+"concat", "avgpool", "maxpool", "activation", "batchnorm", "reshape", "gate", "layernorm").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from crp_toolkit.engine.graph import Graph, Layer
+from crp_toolkit.engine.rules import (
+    AlphaBetaRule,
+    EpsilonRule,
+    FlatRule,
+    GammaRule,
+    LayerNormRule,
+    PassRule,
+    Rule,
+    ZBoxRule,
+    ZPlusRule,
+)
+
+TypeKey = type | str
+
+
+def _matches(key: TypeKey, layer: Layer) -> bool:
+    if isinstance(key, str):
+        return layer.kind == key
+    return layer.module is not None and isinstance(layer.module, key)
+
+
+def _lookup(type_map: Mapping[TypeKey, Rule], layer: Layer) -> Rule | None:
+    return next((rule for key, rule in type_map.items() if _matches(key, layer)), None)
+
+
+class Primitive:
+    """Assigns rules to some layers: ``assign`` returns {layer index: rule}."""
+
+    def assign(self, graph: Graph) -> dict[int, Rule]:
+        raise NotImplementedError
+
+
+# Kinds that carry a weighted sum, where the choice of rule matters (GlobalMap's reach).
+WEIGHTED_KINDS = ("conv", "linear", "add", "avgpool")
+
+# Kinds that only move or gate relevance; every composite starts from these.
+ROUTING_DEFAULTS: dict[TypeKey, Rule] = {
+    "activation": PassRule(),
+    "batchnorm": PassRule(),
+    "reshape": PassRule(),
+    "gate": PassRule(),
+    "concat": PassRule(),
+    "maxpool": PassRule(),
+    "layernorm": LayerNormRule(),
+}
+
+
+@dataclass(frozen=True)
+class GlobalMap(Primitive):
+    """One rule for every weighted layer (conv, dense, sum, average pooling)."""
+
+    rule: Rule
+
+    def assign(self, graph: Graph) -> dict[int, Rule]:
+        return {layer.index: self.rule for layer in graph.layers if layer.kind in WEIGHTED_KINDS}
+
+
+@dataclass(frozen=True)
+class TypeMap(Primitive):
+    """Rules by module class or op kind.
+
+    ``TypeMap({"conv": ZPlusRule(), nn.Linear: EpsilonRule()})``
+    """
+
+    rules: Mapping[TypeKey, Rule]
+
+    def assign(self, graph: Graph) -> dict[int, Rule]:
+        found = {layer.index: _lookup(self.rules, layer) for layer in graph.layers}
+        return {i: rule for i, rule in found.items() if rule is not None}
+
+
+@dataclass(frozen=True)
+class NameMap(Primitive):
+    """Rules by layer name, as regular expressions matched in full.
+
+    ``NameMap({r"features\\.0": FlatRule()})``
+    """
+
+    rules: Mapping[str, Rule]
+
+    def assign(self, graph: Graph) -> dict[int, Rule]:
+        out = {}
+        for layer in graph.layers:
+            for pattern, rule in self.rules.items():
+                if re.fullmatch(pattern, layer.name):
+                    out[layer.index] = rule
+                    break
+        return out
+
+
+@dataclass(frozen=True)
+class RangeMap(Primitive):
+    """A rule (or type map) for the layers with index in ``range`` (see ``print(analyzer)``);
+    a bare rule reaches only weighted layers (conv, dense, sum, average pooling)."""
+
+    range: range
+    rule: Rule | Mapping[TypeKey, Rule]
+
+    def assign(self, graph: Graph) -> dict[int, Rule]:
+        layers = [graph.layers[i] for i in self.range if i < len(graph.layers)]
+        if isinstance(self.rule, Rule):  # a bare rule reaches weighted layers, as GlobalMap
+            layers = [layer for layer in layers if layer.kind in WEIGHTED_KINDS]
+        return _restricted(self.rule, layers)
+
+
+@dataclass(frozen=True)
+class FirstLayerMap(Primitive):
+    """A rule (or type map) for every conv/dense layer that reads the model input directly."""
+
+    rule: Rule | Mapping[TypeKey, Rule]
+
+    def assign(self, graph: Graph) -> dict[int, Rule]:
+        return _restricted(self.rule, [graph.layers[i] for i in graph.readers_of_input()])
+
+
+@dataclass(frozen=True)
+class LastLayerMap(Primitive):
+    """A rule (or type map) for the last conv/dense layer before the output."""
+
+    rule: Rule | Mapping[TypeKey, Rule]
+
+    def assign(self, graph: Graph) -> dict[int, Rule]:
+        parametric = [layer for layer in graph.layers if layer.op.parametric]
+        return _restricted(self.rule, parametric[-1:])
+
+
+@dataclass(frozen=True)
+class FirstNTypeMap(Primitive):
+    """Rules by type for the first ``n`` layers that match any key of the type map."""
+
+    n: int
+    rules: Mapping[TypeKey, Rule]
+
+    def assign(self, graph: Graph) -> dict[int, Rule]:
+        hits = [layer for layer in graph.layers if _lookup(self.rules, layer) is not None]
+        return _restricted(self.rules, hits[: self.n])
+
+
+def _restricted(rule: Rule | Mapping[TypeKey, Rule], layers: Sequence[Layer]) -> dict[int, Rule]:
+    if isinstance(rule, Rule):
+        return {layer.index: rule for layer in layers}
+    found = {layer.index: _lookup(rule, layer) for layer in layers}
+    return {i: r for i, r in found.items() if r is not None}
+
+
+class Composite:
+    """An ordered list of primitives; later ones override earlier ones."""
+
+    def __init__(self, *primitives: Primitive):
+        self.primitives = tuple(primitives)
+
+    def assign(self, graph: Graph) -> list[Rule | None]:
+        """Rule per layer (None where no primitive reaches a weighted layer)."""
+        rules: list[Rule | None] = [None] * len(graph.layers)
+        for primitive in (TypeMap(ROUTING_DEFAULTS), *self.primitives):
+            for index, rule in primitive.assign(graph).items():
+                rules[index] = rule
+        return rules
+
+    def __repr__(self) -> str:
+        inner = ",\n  ".join(repr(p) for p in self.primitives)
+        return f"{type(self).__name__}(\n  {inner}\n)"
+
+
+BASE_RULES: dict[TypeKey, Rule] = {
+    "linear": EpsilonRule(),
+    "add": EpsilonRule(),
+    "avgpool": EpsilonRule(),
+}
+
+
+def _preset(
+    conv_rule: Rule, first_rule: Rule | Mapping[TypeKey, Rule] | None = None
+) -> tuple[Primitive, ...]:
+    primitives: list[Primitive] = [TypeMap({**BASE_RULES, "conv": conv_rule})]
+    if first_rule is not None:
+        primitives.append(FirstLayerMap(first_rule))
+    return tuple(primitives)
+
+
+class EpsilonPlus(Composite):
+    """conv -> ZPlus, dense -> Epsilon."""
+
+    def __init__(self) -> None:
+        super().__init__(*_preset(ZPlusRule()))
+
+
+class EpsilonAlpha2Beta1(Composite):
+    """conv -> AlphaBeta(2, 1), dense -> Epsilon."""
+
+    def __init__(self) -> None:
+        super().__init__(*_preset(AlphaBetaRule(2.0, 1.0)))
+
+
+class EpsilonPlusFlat(Composite):
+    """EpsilonPlus, with Flat on every conv/dense layer that reads the input."""
+
+    def __init__(self) -> None:
+        super().__init__(*_preset(ZPlusRule(), FlatRule()))
+
+
+class EpsilonAlpha2Beta1Flat(Composite):
+    """EpsilonAlpha2Beta1, with Flat on every conv/dense layer that reads the input."""
+
+    def __init__(self) -> None:
+        super().__init__(*_preset(AlphaBetaRule(2.0, 1.0), FlatRule()))
+
+
+class EpsilonGammaBox(Composite):
+    """conv -> Gamma(0.25), dense -> Epsilon, and ZBox(low, high) on the convs reading the input."""
+
+    def __init__(self, low: float | Tensor, high: float | Tensor, gamma: float = 0.25) -> None:
+        super().__init__(*_preset(GammaRule(gamma), {"conv": ZBoxRule(low, high)}))

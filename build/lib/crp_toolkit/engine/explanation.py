@@ -1,0 +1,70 @@
+"""Explanations: what ``analyze`` returns, and how targets and output relevance are set."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Explanation:
+    """The result of explaining a batch.
+
+    ``relevance`` is shaped like the input; ``output`` holds the model's logits and
+    ``target`` the explained class per sample; ``layer_relevances`` maps layer names to the
+    relevance arriving at their outputs (when asked for).
+    """
+
+    relevance: Tensor
+    output: Tensor
+    target: Tensor
+    layer_relevances: dict[str, Tensor] = field(default_factory=dict)
+
+
+def resolve_target(output: Tensor, target: int | Sequence[int] | Tensor | None) -> Tensor:
+    """Per-sample class ids: the argmax for ``None``, checked against the output's classes."""
+    if output.dim() != 2:
+        raise ValueError(
+            f"the model output has shape {tuple(output.shape)}; "
+            "LRP explains scores shaped (batch, classes)"
+        )
+    batch, classes = output.shape
+    if target is None:
+        return output.argmax(1)
+    ids = torch.as_tensor(target, device=output.device).long().flatten()
+    if ids.numel() == 1:
+        ids = ids.expand(batch)
+    if ids.numel() != batch:
+        raise ValueError(f"got {ids.numel()} targets for a batch of {batch}; give one per sample")
+    if ((ids < 0) | (ids >= classes)).any():
+        raise ValueError(
+            f"target {ids.tolist()} out of range: "
+            f"the model has {classes} classes (0..{classes - 1})"
+        )
+    return ids
+
+
+def explain(
+    analyzer, x: Tensor, target=None, *, layer_relevances: bool | Sequence[str] = False
+) -> Explanation:
+    """Explain ``target`` (argmax by default) for every sample of ``x`` with ``analyzer``."""
+    fp = analyzer.forward(x)
+    ids = resolve_target(fp.output, target)
+    init = analyzer.output_relevance(fp.output, ids)[None]
+    graph = analyzer.graph
+    if layer_relevances is True:
+        record = range(len(graph.layers))
+    else:
+        record = [graph.index(name) for name in (layer_relevances or ())]
+    pending, recorded = analyzer.propagate(fp, {graph.output_layer: init}, record=record)
+    relevance = pending.get(-1, torch.zeros_like(x)[None])[0]
+    layers = {graph.layers[i].name: r[0] for i, r in sorted(recorded.items())}
+    return Explanation(relevance, fp.output, ids, layers)
+
+
+def analyze(x: Tensor, analyzer, target: int | Sequence[int] | Tensor | None = None, **kwargs):
+    """``analyze(x, analyzer, target)``: the same as ``analyzer(x, target)``."""
+    return analyzer(x, target, **kwargs)

@@ -1,0 +1,439 @@
+"""What the engine knows about each kind of op: its forward with modified parameters, its
+transpose, and how relevance is routed through it under ``PassRule``.
+
+Relevance tensors carry a leading *concept* axis: shape ``(K, B, ...)`` against saved
+activations of shape ``(B, ...)``, so K conditional relevances share one forward pass.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Evaluate = Callable[[Sequence[Tensor]], Tensor]
+
+
+@dataclass(frozen=True)
+class Op:
+    """An op kind. ``linear``: the output is a linear map of the inputs (plus bias), so the
+    term-based rules (epsilon, z+, ...) apply; ``elementwise``: PassRule returns R as is."""
+
+    kind: str
+    linear: bool = False
+    elementwise: bool = False
+    parametric: bool = False
+
+    def route(
+        self, R: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate, gate: int | None = None
+    ) -> list[Tensor | None]:
+        """PassRule: send R back unchanged, through the op's structure where shapes differ."""
+        return vjp(evaluate, inputs, R)
+
+    def transpose(
+        self, grad: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate, gate: int | None = None
+    ) -> list[Tensor | None]:
+        """``J^T grad`` for a parameter-free linear op (values of ``inputs`` do not matter)."""
+        return vjp(evaluate, [torch.zeros_like(x) for x in inputs], grad)
+
+
+@dataclass(frozen=True)
+class Reshape(Op):
+    """Flatten, view, reshape, squeeze...: relevance is reshaped back."""
+
+    def route(
+        self, R: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate, gate: int | None = None
+    ) -> list[Tensor | None]:
+        return [R.reshape(R.shape[0], *inputs[0].shape)] + [None] * (len(inputs) - 1)
+
+    transpose = route
+
+
+@dataclass(frozen=True)
+class Sum(Op):
+    """Sums of tensors (residual adds): the transpose hands each input the gradient, summed
+    over the axes it was broadcast along."""
+
+    def transpose(
+        self, grad: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate, gate: int | None = None
+    ) -> list[Tensor | None]:
+        return [_unbroadcast(grad, x.shape) for x in inputs]
+
+
+def _unbroadcast(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Sum (K, ...) ``grad`` down to (K, *shape)."""
+    target = (grad.shape[0], *shape)
+    if grad.shape == target:
+        return grad
+    lead = grad.dim() - len(target)
+    summed = grad.sum(tuple(range(1, 1 + lead))) if lead else grad
+    axes = [
+        i for i, (g, t) in enumerate(zip(summed.shape, target, strict=True)) if t == 1 and g != 1
+    ]
+    return summed.sum(axes, keepdim=True) if axes else summed
+
+
+@dataclass(frozen=True)
+class Gate(Op):
+    """Elementwise product where one factor gates the other (squeeze-excitation). The gate
+    is held constant, so all relevance goes to the gated input."""
+
+    def route(
+        self, R: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate, gate: int | None = None
+    ) -> list[Tensor | None]:
+        """``gate``: which input is the gate (found when tracing: the output of a sigmoid),
+        else the smaller (broadcast) factor."""
+        if len(inputs) == 1:
+            return [R]
+        a, b = inputs
+        if gate is None:
+            gate = 0 if a.numel() < b.numel() else 1 if b.numel() < a.numel() else None
+        if gate is None:
+            raise ValueError(
+                "cannot tell the gate from the gated input of an elementwise product of two "
+                f"equally shaped tensors {tuple(a.shape)} (neither comes from a sigmoid); "
+                "register a rule for this op"
+            )
+        out: list[Tensor | None] = [None, None]
+        out[1 - gate] = R
+        return out
+
+
+_WINDOW_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_ADAPTIVE_POOLS = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+@dataclass(frozen=True)
+class MaxPool(Op):
+    """Max pooling: relevance goes to the winner of each window. Pooling modules report their
+    indices during the forward pass, so the relevance pass needs neither input nor recompute."""
+
+    def reports_indices(self, module: nn.Module | None) -> bool:
+        return isinstance(module, _WINDOW_POOLS + _ADAPTIVE_POOLS)
+
+    def pool_with_indices(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(output, flat spatial indices of the winners) of a max-pooling module."""
+        if isinstance(module, _WINDOW_POOLS):
+            fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[x.dim() - 3]
+            return fn(
+                x,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                ceil_mode=module.ceil_mode,
+                return_indices=True,
+            )
+        fn = (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)[x.dim() - 3]
+        return fn(x, module.output_size, return_indices=True)
+
+    @staticmethod
+    def unpool(R: Tensor, indices: Tensor, input_shape: torch.Size) -> Tensor:
+        """Scatter R (K, B, C, ...) back to the winners' positions in the input."""
+        k = R.shape[0]
+        flat = torch.zeros(
+            k, *input_shape[:2], input_shape[2:].numel(), dtype=R.dtype, device=R.device
+        )
+        index = indices.flatten(2).expand(k, *indices.shape[:2], -1)
+        flat.scatter_add_(-1, index, R.flatten(3))
+        return flat.reshape(k, *input_shape)
+
+
+@dataclass(frozen=True)
+class Dense(Op):
+    """``nn.Linear``."""
+
+    def forward(self, x: Tensor, module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def transpose_params(
+        self, grad: Tensor, x: Tensor, module: nn.Module, weight: Tensor
+    ) -> Tensor:
+        return grad @ weight
+
+
+@dataclass(frozen=True)
+class Conv(Op):
+    """Convolutions and transposed convolutions of any dimension."""
+
+    def forward(self, x: Tensor, module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if module.transposed:
+            return _conv_t(x, module, weight, bias)
+        return module._conv_forward(x, weight, bias)
+
+    def transpose_params(
+        self, grad: Tensor, x: Tensor, module: nn.Module, weight: Tensor
+    ) -> Tensor:
+        lead = grad.shape[: grad.dim() - x.dim() + 1]
+        flat = grad.reshape(-1, *grad.shape[len(lead) :])
+        size = (flat.shape[0], *x.shape[1:])
+        if getattr(module, "padding_mode", "zeros") != "zeros":  # reflect/circular padding
+            forward = lambda t: self.forward(t[0], module, weight, None)  # noqa: E731
+            [out] = vjp(forward, [x.new_zeros(size)], flat[None])
+            return out.reshape(*lead, *x.shape[1:])
+        placeholder = flat.new_empty(1).expand(size)
+        out = torch.ops.aten.convolution_backward(
+            flat,
+            placeholder,
+            weight,
+            None,
+            module.stride,
+            _padding(module),
+            module.dilation,
+            module.transposed,
+            module.output_padding,
+            module.groups,
+            (True, False, False),
+        )[0]
+        return out.reshape(*lead, *x.shape[1:])
+
+
+def _conv_t(x: Tensor, module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
+    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[x.dim() - 2]
+    return fn(
+        x,
+        weight,
+        bias,
+        module.stride,
+        module.padding,
+        module.output_padding,
+        module.groups,
+        module.dilation,
+    )
+
+
+def _padding(module: nn.Module) -> tuple[int, ...]:
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0,) * len(module.kernel_size)
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        if any(t % 2 for t in total):
+            raise ValueError(f"asymmetric padding='same' of {module} is not supported")
+        return tuple(t // 2 for t in total)
+    return module.padding
+
+
+def vjp(evaluate: Evaluate, inputs: Sequence[Tensor], grad: Tensor) -> list[Tensor | None]:
+    """``J^T grad`` of ``evaluate`` at ``inputs``; the concept axis of ``grad`` (K, B, ...) is
+    folded into the batch (the inputs are repeated K times)."""
+    k = grad.shape[0]
+    folded = [
+        x.detach().expand(k, *x.shape).reshape(-1, *x.shape[1:]).requires_grad_() for x in inputs
+    ]
+    with torch.enable_grad():
+        out = evaluate(folded)
+        grads = torch.autograd.grad(out, folded, grad.reshape(out.shape), allow_unused=True)
+    return [
+        None if g is None else g.reshape(k, *x.shape) for g, x in zip(grads, inputs, strict=True)
+    ]
+
+
+ELEMENTWISE = Op("activation", elementwise=True)
+BATCHNORM = Op("batchnorm", elementwise=True)
+LAYERNORM = Op("layernorm", elementwise=True)
+RESHAPE = Reshape("reshape", linear=True)
+CONCAT = Op("concat", linear=True)
+SUM = Sum("add", linear=True)
+AVGPOOL = Op("avgpool", linear=True)
+MAXPOOL = MaxPool("maxpool")
+SOFTMAX = Op("softmax")
+GATE = Gate("gate")
+GATE_SOURCES = (nn.Sigmoid, nn.Hardsigmoid, torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid")
+DENSE = Dense("linear", linear=True, parametric=True)
+CONV = Conv("conv", linear=True, parametric=True)
+
+KINDS = {
+    op.kind
+    for op in (
+        ELEMENTWISE,
+        BATCHNORM,
+        LAYERNORM,
+        RESHAPE,
+        CONCAT,
+        SUM,
+        AVGPOOL,
+        MAXPOOL,
+        GATE,
+        DENSE,
+        CONV,
+    )
+}
+
+_MODULE_OPS: dict[type, Op] = {
+    nn.Linear: DENSE,
+    **{
+        t: CONV
+        for t in (
+            nn.Conv1d,
+            nn.Conv2d,
+            nn.Conv3d,
+            nn.ConvTranspose1d,
+            nn.ConvTranspose2d,
+            nn.ConvTranspose3d,
+        )
+    },
+    **{t: BATCHNORM for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
+    nn.LayerNorm: LAYERNORM,
+    **{
+        t: AVGPOOL
+        for t in (
+            nn.AvgPool1d,
+            nn.AvgPool2d,
+            nn.AvgPool3d,
+            nn.AdaptiveAvgPool1d,
+            nn.AdaptiveAvgPool2d,
+            nn.AdaptiveAvgPool3d,
+        )
+    },
+    **{
+        t: MAXPOOL
+        for t in (
+            nn.MaxPool1d,
+            nn.MaxPool2d,
+            nn.MaxPool3d,
+            nn.AdaptiveMaxPool1d,
+            nn.AdaptiveMaxPool2d,
+            nn.AdaptiveMaxPool3d,
+        )
+    },
+    nn.Flatten: RESHAPE,
+    nn.Unflatten: RESHAPE,
+    nn.Softmax: SOFTMAX,
+    nn.LogSoftmax: SOFTMAX,
+    **{
+        t: ELEMENTWISE
+        for t in (
+            nn.ReLU,
+            nn.ReLU6,
+            nn.LeakyReLU,
+            nn.PReLU,
+            nn.RReLU,
+            nn.ELU,
+            nn.SELU,
+            nn.CELU,
+            nn.GELU,
+            nn.SiLU,
+            nn.Mish,
+            nn.Hardswish,
+            nn.Hardsigmoid,
+            nn.Hardtanh,
+            nn.Sigmoid,
+            nn.Tanh,
+            nn.Softplus,
+            nn.Softsign,
+            nn.Tanhshrink,
+            nn.Threshold,
+            nn.LogSigmoid,
+            nn.Dropout,
+            nn.Dropout1d,
+            nn.Dropout2d,
+            nn.Dropout3d,
+            nn.AlphaDropout,
+            nn.Identity,
+        )
+    },
+}
+
+_FUNCTION_OPS: dict[Callable, Op] = {
+    **{
+        f: ELEMENTWISE
+        for f in (
+            F.relu,
+            torch.relu,
+            F.relu6,
+            F.leaky_relu,
+            F.elu,
+            F.selu,
+            F.gelu,
+            F.silu,
+            F.mish,
+            F.hardswish,
+            F.hardsigmoid,
+            F.hardtanh,
+            torch.sigmoid,
+            F.sigmoid,
+            torch.tanh,
+            F.tanh,
+            F.softplus,
+            F.dropout,
+            torch.dropout,
+            F.dropout2d,
+        )
+    },
+    **{f: RESHAPE for f in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)},
+    **{f: SUM for f in (operator.add, operator.iadd, torch.add)},
+    torch.cat: CONCAT,
+    torch.concat: CONCAT,
+    **{f: GATE for f in (operator.mul, operator.imul, torch.mul)},
+    **{
+        f: AVGPOOL
+        for f in (
+            F.adaptive_avg_pool1d,
+            F.adaptive_avg_pool2d,
+            F.adaptive_avg_pool3d,
+            F.avg_pool1d,
+            F.avg_pool2d,
+            F.avg_pool3d,
+        )
+    },
+    **{
+        f: MAXPOOL
+        for f in (
+            F.max_pool1d,
+            F.max_pool2d,
+            F.max_pool3d,
+            F.adaptive_max_pool1d,
+            F.adaptive_max_pool2d,
+            F.adaptive_max_pool3d,
+        )
+    },
+    F.softmax: SOFTMAX,
+    torch.softmax: SOFTMAX,
+    F.log_softmax: SOFTMAX,
+}
+
+_METHOD_OPS: dict[str, Op] = {
+    **{m: ELEMENTWISE for m in ("relu", "relu_", "sigmoid", "tanh", "contiguous", "clone")},
+    **{m: RESHAPE for m in ("view", "reshape", "flatten", "squeeze", "unsqueeze")},
+    **{m: SUM for m in ("add", "add_")},
+    **{m: GATE for m in ("mul", "mul_")},
+    "mean": AVGPOOL,
+    "softmax": SOFTMAX,
+}
+
+
+def register_module_op(module_type: type, op: Op) -> None:
+    """Teach the engine a module type, e.g. ``register_module_op(MyAct, ops.ELEMENTWISE)``."""
+    _MODULE_OPS[module_type] = op
+
+
+def register_function_op(function: Callable, op: Op) -> None:
+    """Teach the engine a function called inside ``forward``, e.g. ``torch.nn.functional.mish``."""
+    _FUNCTION_OPS[function] = op
+
+
+def register_method_op(method: str, op: Op) -> None:
+    """Teach the engine a tensor method called inside ``forward``, e.g. ``("abs", ...)``."""
+    _METHOD_OPS[method] = op
+
+
+def op_for_module(module: nn.Module) -> Op | None:
+    for cls in type(module).__mro__:
+        if cls in _MODULE_OPS:
+            return _MODULE_OPS[cls]
+    return None
+
+
+def op_for_function(function: Callable, node: fx.Node) -> Op | None:
+    if getattr(function, "__name__", "") == "stochastic_depth":  # torchvision, identity in eval
+        return ELEMENTWISE
+    return _FUNCTION_OPS.get(function)
+
+
+def op_for_method(method: str, node: fx.Node) -> Op | None:
+    return _METHOD_OPS.get(method)
