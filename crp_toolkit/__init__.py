@@ -1,5 +1,6 @@
 """crp_toolkit: LRP and Concept Relevance Propagation for PyTorch vision models."""
 
+from crp_toolkit import store
 from crp_toolkit.atlas.heatmap import heatmap, heatmap_figure, save_heatmaps
 from crp_toolkit.concepts.attribution_graph import AttributionGraph, ConceptNode, attribution_graph
 from crp_toolkit.concepts.concepts import ChannelConcept, DirectionConcept, NeuronConcept
@@ -44,5 +45,6 @@ __all__ = [
     "save_heatmaps",
     "ops",
     "rules",
+    "store",
     "strip_softmax",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-STAGES = ("explain",)
+STAGES = ("explain", "analyze")
 
 
 @dataclass
@@ -32,6 +32,14 @@ class ExplainConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    store: str | None = None
+    chunk: int = 256
+    explain: str = "label"
+    limit: int | None = None
+
+
+@dataclass
 class Config:
     stage: str = "explain"
     device: str = "cpu"
@@ -42,6 +50,7 @@ class Config:
     concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
 def register() -> None:

@@ -10,18 +10,20 @@ from pathlib import Path
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Subset
 
 import crp_toolkit as ct
 from crp_toolkit.atlas.figures import concept_figure
 from crp_toolkit.data.loading import first_readable, gather
+from crp_toolkit.store.analysis import analyze_dataset
 
 log = logging.getLogger("crp_toolkit")
 
 
 def run(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
-    {"explain": explain}[cfg.stage](cfg, out)
+    {"explain": explain, "analyze": analyze}[cfg.stage](cfg, out)
     print(f"results in {out}")
 
 
@@ -77,3 +79,25 @@ def explain(cfg: DictConfig, out: Path) -> None:
         crp = ct.CRP(analyzer, layer, ct.TopNFeatures(cfg.explain.top_concepts))
         concepts = crp(x, expl.target)
         concept_figure(x, concepts, layer).savefig(out / "concepts.png", dpi=120)
+
+
+def analyze(cfg: DictConfig, out: Path) -> None:
+    """The dataset pass into the store (created, or resumed when it exists)."""
+    _, dataset, analyzer = load(cfg)
+    if cfg.analysis.limit is not None:
+        dataset = Subset(dataset, range(min(cfg.analysis.limit, len(dataset))))
+    store = Path(cfg.analysis.store) if cfg.analysis.store else out / "store.zarr"
+    description = OmegaConf.to_yaml(cfg.dataset) + f"limit={cfg.analysis.limit}"
+    analyze_dataset(
+        analyzer,
+        dataset,
+        list(cfg.concepts.layers),
+        store,
+        dataset_description=description,
+        chunk=cfg.analysis.chunk,
+        explain=cfg.analysis.explain,
+        device=cfg.device,
+        loader_options=dict(cfg.loader),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    log.info("store written to %s", store)

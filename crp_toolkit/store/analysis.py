@@ -1,0 +1,128 @@
+"""One pass over a dataset: per sample, the relevance of every concept of the chosen layers
+(explaining the label or the prediction) and activation statistics, written chunk by chunk
+into the dataset store (see ``zarr_store``). Resumable: finished chunks are skipped."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+import crp_toolkit
+from crp_toolkit.concepts.concepts import ChannelConcept
+from crp_toolkit.data.loading import first_readable, gather
+from crp_toolkit.engine.lrp import LRP
+from crp_toolkit.store.zarr_store import (
+    ChunkResult,
+    Layout,
+    create_or_resume,
+    dataset_fingerprint,
+    done_chunks,
+    model_fingerprint,
+    write_chunk,
+)
+
+
+def layer_statistics(relevance: Tensor, activation: Tensor) -> dict[str, np.ndarray]:
+    """Concept relevance (summed over space), its absolute normaliser, and the spatial max,
+    mean and argmax of each channel's activation, for a batch."""
+    scores = ChannelConcept().relevance(relevance, activation)
+    flat = activation.flatten(2) if activation.dim() > 2 else activation[..., None]
+    best = flat.max(2)
+    return {
+        "relevance": scores.float().cpu().numpy(),
+        "normaliser": scores.abs().sum(1).float().cpu().numpy(),
+        "act_max": best.values.float().cpu().numpy(),
+        "act_mean": flat.mean(2).float().cpu().numpy(),
+        "act_argmax": best.indices.int().cpu().numpy(),
+    }
+
+
+def analyze_batch(analyzer: LRP, x: Tensor, labels: Tensor, layers: Sequence[str], explain: str):
+    """Logits, predictions and per-layer statistics of one batch (one forward, one backward)."""
+    graph = analyzer.graph
+    index = [graph.index(name) for name in layers]
+    fp = analyzer.forward(x, keep=index)
+    prediction = fp.output.argmax(1)
+    target = labels.to(prediction.device) if explain == "label" else prediction
+    init = {graph.output_layer: analyzer.output_relevance(fp.output, target)[None]}
+    activations = {i: fp.value(i) for i in index}
+    _, recorded = analyzer.propagate(fp, init, record=index)
+    stats = {
+        name: layer_statistics(recorded[i][0], activations[i])
+        for name, i in zip(layers, index, strict=True)
+    }
+    return fp.output, prediction, stats
+
+
+def analyze_dataset(
+    analyzer: LRP,
+    dataset: Dataset,
+    layers: Sequence[str],
+    path: str | Path,
+    *,
+    dataset_description: str,
+    chunk: int = 256,
+    explain: str = "label",
+    device: str = "cpu",
+    loader_options: dict | None = None,
+    config: dict | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run the analysis pass into the store at ``path`` (created, or resumed)."""
+    if explain not in ("label", "prediction"):
+        raise ValueError(f"explain must be 'label' or 'prediction', got {explain!r}")
+    if not layers:
+        raise ValueError("give at least one layer to analyse (concepts.layers)")
+    probe_x = first_readable(dataset)
+    probe = analyzer.forward(
+        torch.as_tensor(probe_x)[None].to(device), keep=[analyzer.graph.index(n) for n in layers]
+    )
+    concepts = {n: probe.value(analyzer.graph.index(n)).shape[1] for n in layers}
+    layout = Layout(len(dataset), chunk, probe.output.shape[1], concepts)
+    provenance = {
+        "model": model_fingerprint(analyzer.model),
+        "dataset": dataset_fingerprint(dataset, dataset_description),
+        "composite": repr(analyzer.composite),
+        "explain": explain,
+        "package_version": crp_toolkit.__version__,
+        "config": config or {},
+    }
+    group = create_or_resume(path, layout, provenance)
+    todo = [c for c in range(layout.n_chunks) if c not in done_chunks(group)]
+    for c in tqdm(todo, desc="analyze", unit="chunk", disable=not progress):
+        rows = layout.rows(c)
+        options = {**(loader_options or {}), "batch_size": chunk}
+        batch = gather(dataset, list(rows), **options)
+        n = len(rows)
+        valid = np.zeros(n, dtype=bool)
+        label = np.zeros(n, dtype=np.int64)
+        prediction = np.zeros(n, dtype=np.int64)
+        logits = np.zeros((n, layout.classes), dtype=np.float32)
+        stats = {
+            name: {
+                "relevance": np.zeros((n, k), np.float32),
+                "normaliser": np.zeros(n, np.float32),
+                "act_max": np.zeros((n, k), np.float32),
+                "act_mean": np.zeros((n, k), np.float32),
+                "act_argmax": np.zeros((n, k), np.int32),
+            }
+            for name, k in concepts.items()
+        }
+        if batch.indices:
+            at = np.array(batch.indices) - rows.start
+            out, pred, found = analyze_batch(
+                analyzer, batch.images.to(device), batch.labels, layers, explain
+            )
+            valid[at], label[at] = True, batch.labels.numpy()
+            prediction[at], logits[at] = pred.cpu().numpy(), out.float().cpu().numpy()
+            for name in layers:
+                for stat, values in found[name].items():
+                    stats[name][stat][at] = values
+        write_chunk(group, layout, c, ChunkResult(label, prediction, logits, valid, stats))
+    return Path(path)

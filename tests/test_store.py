@@ -1,0 +1,179 @@
+"""The dataset store: contents against direct computation, resuming after SIGKILL, refusal
+of a store made with another composite (real Zarr stores, real Hydra runs)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import FASHION_DIR
+
+import crp_toolkit as ct
+from crp_toolkit.store.analysis import analyze_dataset
+from crp_toolkit.store.zarr_store import StoreMismatchError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, x, y, broken=()):
+        self.x, self.y, self.broken = x, y, set(broken)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if i in self.broken:
+            raise OSError(f"sample {i} is corrupt")
+        return self.x[i], int(self.y[i])
+
+
+@pytest.fixture(scope="module")
+def analyzer(fashion_model):
+    return ct.LRP(ct.canonize(fashion_model), ct.composites.EpsilonPlus())
+
+
+def test_store_holds_what_direct_computation_gives(analyzer, fashion_data, tmp_path):
+    x, y = fashion_data
+    path = analyze_dataset(
+        analyzer,
+        Images(x, y, broken={5}),
+        ["conv2", "linear1"],
+        tmp_path / "s.zarr",
+        dataset_description="fashion-64",
+        chunk=16,
+        progress=False,
+    )
+    store = ct.store.open(path)
+    assert store.complete and store.layers == ["conv2", "linear1"]
+    valid = store.samples("valid")[:]
+    assert not valid[5] and valid.sum() == len(x) - 1
+    keep = np.flatnonzero(valid)
+    expected = ct.concept_relevances(analyzer, x[keep], ["conv2", "linear1"], y[keep])
+    for layer in ("conv2", "linear1"):
+        relevance = store.layer(layer)[:][keep]
+        np.testing.assert_allclose(relevance, expected[layer].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            store.layer(layer, "normaliser")[:][keep], np.abs(relevance).sum(1), rtol=1e-5
+        )
+        assert store.layer(layer).metadata.dimension_names == ("sample", "concept")
+    fp = analyzer.forward(x[keep], keep=[analyzer.graph.index("conv2")])
+    act = fp.value(analyzer.graph.index("conv2")).flatten(2)
+    np.testing.assert_allclose(
+        store.layer("conv2", "act_max")[:][keep], act.max(2).values, rtol=1e-6
+    )
+    np.testing.assert_allclose(store.layer("conv2", "act_mean")[:][keep], act.mean(2), rtol=1e-5)
+    np.testing.assert_array_equal(store.layer("conv2", "act_argmax")[:][keep], act.argmax(2))
+    np.testing.assert_array_equal(store.samples("label")[:][keep], y[keep].numpy())
+    np.testing.assert_array_equal(store.samples("prediction")[:][keep], fp.output.argmax(1))
+    attrs = store.attrs
+    assert attrs["schema_version"] == 1 and attrs["provenance"]["explain"] == "label"
+    with pytest.raises(KeyError, match="holds"):
+        store.layer("conv9")
+
+
+def test_a_store_from_another_composite_is_refused_untouched(analyzer, fashion_data, tmp_path):
+    x, y = fashion_data
+    data = Images(x[:32], y[:32])
+    path = analyze_dataset(
+        analyzer,
+        data,
+        ["conv2"],
+        tmp_path / "s.zarr",
+        dataset_description="d",
+        chunk=16,
+        progress=False,
+    )
+    before = _digest(path)
+    other = ct.LRP(analyzer.model, ct.composites.EpsilonPlusFlat())
+    with pytest.raises(StoreMismatchError, match="nothing was changed"):
+        analyze_dataset(other, data, ["conv2"], path, dataset_description="d", chunk=16)
+    with pytest.raises(StoreMismatchError):
+        analyze_dataset(analyzer, data, ["conv2"], path, dataset_description="other", chunk=16)
+    assert _digest(path) == before
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")):
+        if file.is_file():
+            digest.update(str(file.relative_to(path)).encode() + file.read_bytes())
+    return digest.hexdigest()
+
+
+def _analyze_cmd(store: Path, run: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "crp_toolkit",
+        "analyze",
+        "model=state_dict",
+        "model.module._target_=crp_toolkit.data.fashion.FashionCNN",
+        f"model.weights={FASHION_DIR / 'fashion_cnn_state_dict.pt'}",
+        "dataset=npz",
+        f"dataset.path={FASHION_DIR / 'fashion_val.npz'}",
+        "dataset.images_key=val_set",
+        "dataset.labels_key=targets",
+        "concepts.layers=[conv2,linear1]",
+        "composite=epsilon_plus",
+        "analysis.chunk=20",
+        "analysis.limit=2000",
+        "loader.num_workers=0",
+        f"analysis.store={store}",
+        f"hydra.run.dir={run}",
+    ]
+
+
+def _done(store: Path) -> int:
+    try:
+        return int(zarr.open_group(store, mode="r")["progress/done"][:].sum())
+    except Exception:  # not created yet
+        return 0
+
+
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    killed, whole = tmp_path / "killed.zarr", tmp_path / "whole.zarr"
+    proc = subprocess.Popen(
+        _analyze_cmd(killed, tmp_path / "r1"),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while _done(killed) < 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before_kill = _done(killed)
+    assert 5 <= finished_before_kill < 100, "the kill must land mid-run"
+    resumed = subprocess.run(
+        _analyze_cmd(killed, tmp_path / "r2"), cwd=ROOT, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert (
+        f"{100 - finished_before_kill}/{100 - finished_before_kill}" in resumed.stderr
+    )  # only the rest
+    done = subprocess.run(
+        _analyze_cmd(whole, tmp_path / "r3"), cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    a, b = zarr.open_group(killed, mode="r"), zarr.open_group(whole, mode="r")
+    for name in (
+        "samples/label",
+        "samples/logits",
+        "samples/valid",
+        "layers/conv2/relevance",
+        "layers/linear1/relevance",
+        "layers/conv2/act_argmax",
+        "progress/done",
+    ):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
