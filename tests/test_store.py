@@ -177,3 +177,81 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
         "progress/done",
     ):
         np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def _fashion_overrides(store: Path, limit: int = 400) -> list[str]:
+    cmd = _analyze_cmd(store, Path("unused"))
+    overrides = [a for a in cmd[4:] if not a.startswith(("hydra.run.dir", "analysis.limit"))]
+    return [*overrides, f"analysis.limit={limit}"]
+
+
+def _assert_same_store(a_path: Path, b_path: Path) -> None:
+    a, b = zarr.open_group(a_path, mode="r"), zarr.open_group(b_path, mode="r")
+    for name in (
+        "samples/label",
+        "samples/logits",
+        "samples/prediction",
+        "samples/valid",
+        "layers/conv2/relevance",
+        "layers/conv2/act_max",
+        "layers/linear1/relevance",
+        "layers/linear1/normaliser",
+        "progress/done",
+    ):
+        np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+    assert a["progress/done"][:].all()
+
+
+@pytest.fixture(scope="module")
+def single_store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    cmd = [
+        sys.executable,
+        "-m",
+        "crp_toolkit",
+        "analyze",
+        *_fashion_overrides(tmp / "s.zarr"),
+        f"hydra.run.dir={tmp / 'run'}",
+    ]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return tmp / "s.zarr"
+
+
+def test_two_shards_in_a_joblib_multirun_give_the_single_process_result(single_store, tmp_path):
+    store = tmp_path / "sharded.zarr"
+    cmd = [
+        sys.executable,
+        "-m",
+        "crp_toolkit",
+        "analyze",
+        "--multirun",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "analysis.shards=2",
+        "analysis.shard=0,1",
+        *_fashion_overrides(store),
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "Joblib" in run.stdout + run.stderr
+    _assert_same_store(single_store, store)
+
+
+def test_two_torchrun_ranks_give_the_single_process_result(single_store, tmp_path):
+    store = tmp_path / "ranks.zarr"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "-m",
+        "crp_toolkit",
+        "analyze",
+        *_fashion_overrides(store),
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    _assert_same_store(single_store, store)

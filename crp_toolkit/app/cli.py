@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
         if (Path.cwd() / "conf").is_dir()
         else []
     )
-    sys.argv = [sys.argv[0], f"stage={stage}", *search, *overrides]
+    flags = [a for a in overrides if a.startswith("-")]  # --multirun, --cfg job, ...
+    rest = [a for a in overrides if not a.startswith("-")]
+    sys.argv = [sys.argv[0], *flags, f"stage={stage}", *search, *rest]
     _run()
 
 

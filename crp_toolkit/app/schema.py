@@ -37,6 +37,8 @@ class AnalysisConfig:
     chunk: int = 256
     explain: str = "label"
     limit: int | None = None
+    shard: int = 0  # this job's shard (a Hydra multirun sweeps it); torchrun sets it per rank
+    shards: int = 1
 
 
 @dataclass

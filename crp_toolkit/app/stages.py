@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -88,6 +89,9 @@ def analyze(cfg: DictConfig, out: Path) -> None:
         dataset = Subset(dataset, range(min(cfg.analysis.limit, len(dataset))))
     store = Path(cfg.analysis.store) if cfg.analysis.store else out / "store.zarr"
     description = OmegaConf.to_yaml(cfg.dataset) + f"limit={cfg.analysis.limit}"
+    shard, shards = _shard(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["analysis"].pop("shard")  # provenance is the same for every shard
     analyze_dataset(
         analyzer,
         dataset,
@@ -98,6 +102,22 @@ def analyze(cfg: DictConfig, out: Path) -> None:
         explain=cfg.analysis.explain,
         device=cfg.device,
         loader_options=dict(cfg.loader),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=config,
+        shard=shard,
+        shards=shards,
     )
-    log.info("store written to %s", store)
+    if shards > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank's chunks are in
+    status = "complete" if ct.store.open(store).complete else "partial (other shards pending)"
+    log.info("store %s: %s", store, status)
+
+
+def _shard(cfg: DictConfig) -> tuple[int, int]:
+    """This process's shard: from torchrun's environment (one per rank, joined by a gloo
+    process group), else from the config (``analysis.shard`` of ``analysis.shards``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
+        return int(os.environ["RANK"]), world
+    return cfg.analysis.shard, cfg.analysis.shards

@@ -73,8 +73,14 @@ def analyze_dataset(
     loader_options: dict | None = None,
     config: dict | None = None,
     progress: bool = True,
+    shard: int = 0,
+    shards: int = 1,
 ) -> Path:
-    """Run the analysis pass into the store at ``path`` (created, or resumed)."""
+    """Run the analysis pass into the store at ``path`` (created, or resumed). With
+    ``shards > 1`` this process does the chunks ``c`` with ``c % shards == shard``; shards may
+    run at the same time (each writes only its own chunks)."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} out of range for {shards} shards")
     if explain not in ("label", "prediction"):
         raise ValueError(f"explain must be 'label' or 'prediction', got {explain!r}")
     if not layers:
@@ -94,7 +100,8 @@ def analyze_dataset(
         "config": config or {},
     }
     group = create_or_resume(path, layout, provenance)
-    todo = [c for c in range(layout.n_chunks) if c not in done_chunks(group)]
+    finished = done_chunks(group)
+    todo = [c for c in range(shard, layout.n_chunks, shards) if c not in finished]
     for c in tqdm(todo, desc="analyze", unit="chunk", disable=not progress):
         rows = layout.rows(c)
         options = {**(loader_options or {}), "batch_size": chunk}

@@ -24,6 +24,9 @@ redoes only unfinished chunks.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +117,8 @@ def create_or_resume(path: str | Path, layout: Layout, provenance: Mapping) -> z
                 "delete that store to start over."
             )
         return group
-    group = zarr.open_group(path, mode="w")
+    staging = path.with_name(f"{path.name}.creating-{uuid.uuid4().hex[:8]}")
+    group = zarr.open_group(staging, mode="w")
     n, c = layout.n_samples, layout.chunk
     _array(group, "samples/label", (n,), (c,), "int64", ["sample"])
     _array(group, "samples/prediction", (n,), (c,), "int64", ["sample"])
@@ -150,7 +154,14 @@ def create_or_resume(path: str | Path, layout: Layout, provenance: Mapping) -> z
     # one zarr chunk per work unit, so writers of different units never share a file
     _array(group, "progress/done", (layout.n_chunks,), (1,), "bool", ["chunk"])
     group.attrs.update({"schema_version": SCHEMA_VERSION, "provenance": dict(provenance), **shape})
-    return group
+    try:  # made aside and renamed: concurrent shards never see a half-made store
+        os.rename(staging, path)
+    except OSError:
+        shutil.rmtree(staging)
+        if not (path / "zarr.json").exists():
+            raise
+        return create_or_resume(path, layout, provenance)  # another shard made it first
+    return zarr.open_group(path, mode="r+")
 
 
 def done_chunks(group: zarr.Group) -> set[int]:
