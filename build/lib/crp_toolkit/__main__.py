@@ -1,3 +1,0 @@
-from crp_toolkit.app.cli import main
-
-main()

@@ -1,1 +1,0 @@
-"""The command line: Hydra-driven stages (``crp-toolkit <stage> [overrides]``)."""

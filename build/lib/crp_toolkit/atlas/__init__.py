@@ -1,1 +1,0 @@
-"""Figures: heatmaps, and (later) concept atlases and the HTML atlas."""

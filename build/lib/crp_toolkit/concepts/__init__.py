@@ -1,1 +1,0 @@
-"""Concept Relevance Propagation: conditional relevance of concepts in chosen layers."""

@@ -1,1 +1,0 @@
-"""The LRP engine: tracing, rules, composites, canonizers and the analyzer."""
