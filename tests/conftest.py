@@ -12,6 +12,16 @@ from crp_toolkit.data.fashion import load_fashion_data, load_fashion_model
 
 SHARED = Path(os.environ.get("CRP_TOOLKIT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 FASHION_DIR = SHARED / "data" / "fashion"
+# The fixture on the command line, as a user's own model class and .npz data would be given.
+FASHION_OVERRIDES = (
+    "model=state_dict",
+    "model.module._target_=crp_toolkit.data.fashion.FashionCNN",
+    f"model.weights={FASHION_DIR / 'fashion_cnn_state_dict.pt'}",
+    "dataset=npz",
+    f"dataset.path={FASHION_DIR / 'fashion_val.npz'}",
+    "dataset.images_key=val_set",
+    "dataset.labels_key=targets",
+)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import FASHION_DIR
+from conftest import FASHION_OVERRIDES
 
 from crp_toolkit.data.training import load_world_model
 from crp_toolkit.data.world import (
@@ -78,13 +78,7 @@ def test_the_fashion_fixture_runs_through_the_same_command_line(tmp_path):
     run = cli(
         "explain",
         f"hydra.run.dir={tmp_path}",
-        "model=state_dict",
-        "model.module._target_=crp_toolkit.data.fashion.FashionCNN",
-        f"model.weights={FASHION_DIR / 'fashion_cnn_state_dict.pt'}",
-        "dataset=npz",
-        f"dataset.path={FASHION_DIR / 'fashion_val.npz'}",
-        "dataset.images_key=val_set",
-        "dataset.labels_key=targets",
+        *FASHION_OVERRIDES,
         "concepts.layers=[conv2]",
         "explain.indices=[0,1]",
     )

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import FASHION_DIR
+from conftest import FASHION_OVERRIDES
 
 import crp_toolkit as ct
 from crp_toolkit.store.analysis import analyze_dataset
@@ -116,13 +116,7 @@ def _analyze_cmd(store: Path, run: Path) -> list[str]:
         "-m",
         "crp_toolkit",
         "analyze",
-        "model=state_dict",
-        "model.module._target_=crp_toolkit.data.fashion.FashionCNN",
-        f"model.weights={FASHION_DIR / 'fashion_cnn_state_dict.pt'}",
-        "dataset=npz",
-        f"dataset.path={FASHION_DIR / 'fashion_val.npz'}",
-        "dataset.images_key=val_set",
-        "dataset.labels_key=targets",
+        *FASHION_OVERRIDES,
         "concepts.layers=[conv2,linear1]",
         "composite=epsilon_plus",
         "analysis.chunk=20",
