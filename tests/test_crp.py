@@ -9,10 +9,9 @@ import pytest
 import torch
 import torchvision
 from crp.attribution import CondAttribution as ZennitCondAttribution
-from reference import ZennitCrpCase
+from reference import ZennitCrpCase, ZennitFashion
 from torch import nn
 from zennit.composites import EpsilonPlus as ZennitEpsilonPlus
-from zennit.layer import Sum as ZennitSum
 
 import crp_toolkit as ct
 from crp_toolkit.engine.composites import Composite, GlobalMap
@@ -21,24 +20,6 @@ from crp_toolkit.engine.rules import EpsilonRule, ZeroRule
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-class ZennitFashion(nn.Module):
-    """The canonized fixture model for zennit: its residual add goes through zennit's Sum
-    (so zennit splits it proportionally, as ours does) and each ReLU call has its own module.
-    Layer names gain the prefix ``m.``."""
-
-    def __init__(self, m: nn.Module) -> None:
-        super().__init__()
-        self.m = m
-        self.r1, self.r2, self.r3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
-        self.sum = ZennitSum()
-
-    def forward(self, x):
-        m = self.m
-        main = m.bn2(m.conv2(self.r1(m.bn1(m.conv1(x)))))
-        h = m.pool(self.r2(self.sum(torch.stack([main, m.parallel(x)], dim=-1))))
-        return m.linear2(self.r3(m.linear1(torch.flatten(h, 1))))
 
 
 @pytest.fixture(scope="module")
