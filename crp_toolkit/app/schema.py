@@ -46,6 +46,7 @@ class Config:
     stage: str = "explain"
     device: str = "cpu"
     seed: int = 0
+    output_relevance: str = "one"  # start at the explained class with 1, or with its "logit"
     model: Any = MISSING
     dataset: Any = MISSING
     composite: Any = MISSING

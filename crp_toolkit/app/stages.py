@@ -34,7 +34,11 @@ def load(cfg: DictConfig):
     torch.manual_seed(cfg.seed)
     model = ct.canonize(ct.strip_softmax(instantiate(cfg.model))).to(cfg.device)
     dataset = instantiate(cfg.dataset)
-    analyzer = ct.LRP(model, instantiate(cfg.composite))
+    if cfg.output_relevance not in ("one", "logit"):
+        raise ValueError(f"output_relevance must be 'one' or 'logit', got {cfg.output_relevance!r}")
+    analyzer = ct.LRP(
+        model, instantiate(cfg.composite), normalize_output_relevance=cfg.output_relevance == "one"
+    )
     _check_classes(model, dataset, cfg.device)
     return model, dataset, analyzer
 

@@ -96,6 +96,7 @@ def analyze_dataset(
         "dataset": dataset_fingerprint(dataset, dataset_description),
         "composite": repr(analyzer.composite),
         "explain": explain,
+        "output_relevance": "one" if analyzer.normalize_output_relevance else "logit",
         "package_version": crp_toolkit.__version__,
         "config": config or {},
     }

@@ -37,6 +37,8 @@ import zarr
 from torch import nn
 
 SCHEMA_VERSION = 1
+# what makes two runs compute the same numbers: a store is only continued by a run that agrees
+IDENTITY = ("model", "dataset", "composite", "explain", "output_relevance")
 
 
 class StoreMismatchError(ValueError):
@@ -101,9 +103,10 @@ def _array(group: zarr.Group, path: str, shape, chunks, dtype, dims) -> None:
 
 def create_or_resume(path: str | Path, layout: Layout, provenance: Mapping) -> zarr.Group:
     """Open the store at ``path`` to continue it, or create it. A store made with another
-    model, dataset or composite (or shape) is refused and left untouched."""
+    model, dataset, composite, explained target or output relevance (or shape) is refused and
+    left untouched."""
     path = Path(path)
-    identity = {k: provenance[k] for k in ("model", "dataset", "composite")}
+    identity = {k: provenance.get(k) for k in IDENTITY}
     shape = {"n_samples": layout.n_samples, "chunk": layout.chunk, "layers": dict(layout.layers)}
     if (path / "zarr.json").exists():
         group = zarr.open_group(path, mode="r+")
