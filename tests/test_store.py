@@ -288,3 +288,36 @@ def test_reference_samples_match_zennit_crp_feature_visualization(fashion_model,
     normed = store.layer("conv2")[:] / store.layer("conv2", "normaliser")[:][:, None]
     ours = np.argsort(-normed, axis=0, kind="stable")[: len(theirs)]
     np.testing.assert_array_equal(ours, np.asarray(theirs))
+
+
+def test_relevance_maps_sum_to_the_concept_relevance(analyzer, fashion_data, tmp_path):
+    x, y = fashion_data
+    path = analyze_dataset(
+        analyzer,
+        Images(x[:32], y[:32]),
+        ["conv2", "linear1"],
+        tmp_path / "m.zarr",
+        dataset_description="maps",
+        chunk=16,
+        progress=False,
+        maps=True,
+    )
+    store = ct.store.open(path)
+    maps = store.layer("conv2", "maps")
+    assert maps.shape == (32, 16, 12, 12) and maps.dtype == np.float16
+    assert maps.metadata.dimension_names == ("sample", "concept", "y", "x")
+    np.testing.assert_allclose(
+        maps[:].astype(np.float32).sum((2, 3)), store.layer("conv2")[:], rtol=1e-2, atol=1e-3
+    )
+    with pytest.raises(KeyError):
+        store.group["layers/linear1/maps"]  # dense layers have no spatial map
+    with pytest.raises(StoreMismatchError):  # maps on or off is part of the store's shape
+        analyze_dataset(
+            analyzer,
+            Images(x[:32], y[:32]),
+            ["conv2", "linear1"],
+            path,
+            dataset_description="maps",
+            chunk=16,
+            progress=False,
+        )

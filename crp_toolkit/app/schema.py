@@ -39,6 +39,7 @@ class AnalysisConfig:
     limit: int | None = None
     shard: int = 0  # this job's shard (a Hydra multirun sweeps it); torchrun sets it per rank
     shards: int = 1
+    maps: bool = False  # also store relevance maps at each layer's resolution (float16)
 
 
 @dataclass

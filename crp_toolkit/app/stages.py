@@ -109,6 +109,7 @@ def analyze(cfg: DictConfig, out: Path) -> None:
         config=config,
         shard=shard,
         shards=shards,
+        maps=cfg.analysis.maps,
     )
     if shards > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank's chunks are in

@@ -18,7 +18,6 @@ from crp_toolkit.concepts.concepts import ChannelConcept
 from crp_toolkit.data.loading import first_readable, gather
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.store.zarr_store import (
-    ChunkResult,
     Layout,
     create_or_resume,
     dataset_fingerprint,
@@ -28,23 +27,29 @@ from crp_toolkit.store.zarr_store import (
 )
 
 
-def layer_statistics(relevance: Tensor, activation: Tensor) -> dict[str, np.ndarray]:
+def layer_statistics(relevance: Tensor, activation: Tensor, maps: bool) -> dict[str, np.ndarray]:
     """Concept relevance (summed over space), its absolute normaliser, and the spatial max,
-    mean and argmax of each channel's activation, for a batch."""
+    mean and argmax of each channel's activation, for a batch; with ``maps`` the relevance
+    maps themselves (float16)."""
     scores = ChannelConcept().relevance(relevance, activation)
     flat = activation.flatten(2) if activation.dim() > 2 else activation[..., None]
     best = flat.max(2)
-    return {
+    stats = {
         "relevance": scores.float().cpu().numpy(),
         "normaliser": scores.abs().sum(1).float().cpu().numpy(),
         "act_max": best.values.float().cpu().numpy(),
         "act_mean": flat.mean(2).float().cpu().numpy(),
         "act_argmax": best.indices.int().cpu().numpy(),
     }
+    if maps and relevance.dim() > 2:
+        stats["maps"] = relevance.half().cpu().numpy()
+    return stats
 
 
-def analyze_batch(analyzer: LRP, x: Tensor, labels: Tensor, layers: Sequence[str], explain: str):
-    """Logits, predictions and per-layer statistics of one batch (one forward, one backward)."""
+def analyze_batch(
+    analyzer: LRP, x: Tensor, labels: Tensor, layers: Sequence[str], explain: str, maps: bool
+) -> dict[str, np.ndarray]:
+    """One batch (one forward, one backward): store arrays by path (samples/..., layers/...)."""
     graph = analyzer.graph
     index = [graph.index(name) for name in layers]
     fp = analyzer.forward(x, keep=index)
@@ -53,11 +58,16 @@ def analyze_batch(analyzer: LRP, x: Tensor, labels: Tensor, layers: Sequence[str
     init = {graph.output_layer: analyzer.output_relevance(fp.output, target)[None]}
     activations = {i: fp.value(i) for i in index}
     _, recorded = analyzer.propagate(fp, init, record=index)
-    stats = {
-        name: layer_statistics(recorded[i][0], activations[i])
-        for name, i in zip(layers, index, strict=True)
+    out = {
+        "samples/label": labels.numpy(),
+        "samples/prediction": prediction.cpu().numpy(),
+        "samples/logits": fp.output.float().cpu().numpy(),
+        "samples/valid": np.ones(len(x), dtype=bool),
     }
-    return fp.output, prediction, stats
+    for name, i in zip(layers, index, strict=True):
+        for stat, values in layer_statistics(recorded[i][0], activations[i], maps).items():
+            out[f"layers/{name}/{stat}"] = values
+    return out
 
 
 def analyze_dataset(
@@ -75,6 +85,7 @@ def analyze_dataset(
     progress: bool = True,
     shard: int = 0,
     shards: int = 1,
+    maps: bool = False,
 ) -> Path:
     """Run the analysis pass into the store at ``path`` (created, or resumed). With
     ``shards > 1`` this process does the chunks ``c`` with ``c % shards == shard``; shards may
@@ -89,8 +100,8 @@ def analyze_dataset(
     probe = analyzer.forward(
         torch.as_tensor(probe_x)[None].to(device), keep=[analyzer.graph.index(n) for n in layers]
     )
-    concepts = {n: probe.value(analyzer.graph.index(n)).shape[1] for n in layers}
-    layout = Layout(len(dataset), chunk, probe.output.shape[1], concepts)
+    shapes = {n: tuple(probe.value(analyzer.graph.index(n)).shape[1:]) for n in layers}
+    layout = Layout(len(dataset), chunk, probe.output.shape[1], shapes, maps)
     provenance = {
         "model": model_fingerprint(analyzer.model),
         "dataset": dataset_fingerprint(dataset, dataset_description),
@@ -107,30 +118,12 @@ def analyze_dataset(
         rows = layout.rows(c)
         options = {**(loader_options or {}), "batch_size": chunk}
         batch = gather(dataset, list(rows), **options)
-        n = len(rows)
-        valid = np.zeros(n, dtype=bool)
-        label = np.zeros(n, dtype=np.int64)
-        prediction = np.zeros(n, dtype=np.int64)
-        logits = np.zeros((n, layout.classes), dtype=np.float32)
-        stats = {
-            name: {
-                "relevance": np.zeros((n, k), np.float32),
-                "normaliser": np.zeros(n, np.float32),
-                "act_max": np.zeros((n, k), np.float32),
-                "act_mean": np.zeros((n, k), np.float32),
-                "act_argmax": np.zeros((n, k), np.int32),
-            }
-            for name, k in concepts.items()
-        }
+        arrays = layout.empty(len(rows))
         if batch.indices:
             at = np.array(batch.indices) - rows.start
-            out, pred, found = analyze_batch(
-                analyzer, batch.images.to(device), batch.labels, layers, explain
-            )
-            valid[at], label[at] = True, batch.labels.numpy()
-            prediction[at], logits[at] = pred.cpu().numpy(), out.float().cpu().numpy()
-            for name in layers:
-                for stat, values in found[name].items():
-                    stats[name][stat][at] = values
-        write_chunk(group, layout, c, ChunkResult(label, prediction, logits, valid, stats))
+            images = batch.images.to(device)
+            found = analyze_batch(analyzer, images, batch.labels, layers, explain, maps)
+            for key, values in found.items():
+                arrays[key][at] = values
+        write_chunk(group, layout, c, arrays)
     return Path(path)

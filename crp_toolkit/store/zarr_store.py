@@ -14,6 +14,8 @@ Schema (version 1); every array has ``dimension_names`` so xarray can open it::
       layers/<name>/act_max     (sample, concept) float32  spatial max of the activation
       layers/<name>/act_mean    (sample, concept) float32  spatial mean
       layers/<name>/act_argmax  (sample, concept) int32    flat position of the max
+      layers/<name>/maps        (sample, concept, y, x) float16  optional: relevance maps at
+                                                           the layer's own resolution
       progress/done      (chunk,)             bool    set after a chunk's rows are all written
 
 A *chunk* of ``chunk`` rows is the unit of work: one writer writes it whole (one write per
@@ -47,12 +49,15 @@ class StoreMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class Layout:
-    """Shape of a store: samples, rows per chunk, classes and concepts per layer."""
+    """Shape of a store: samples, rows per chunk, classes, and per layer the shape of one
+    sample's activation (channels, *spatial); ``maps`` adds relevance maps at each layer's
+    resolution (float16)."""
 
     n_samples: int
     chunk: int
     classes: int
-    layers: Mapping[str, int]
+    layers: Mapping[str, tuple[int, ...]]
+    maps: bool = False
 
     @property
     def n_chunks(self) -> int:
@@ -61,16 +66,30 @@ class Layout:
     def rows(self, chunk: int) -> range:
         return range(chunk * self.chunk, min((chunk + 1) * self.chunk, self.n_samples))
 
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[str, ...]]]:
+        """Every per-sample array: path -> (one sample's entry shape, dtype, dimension names)."""
+        out = {
+            "samples/label": ((), "int64", ("sample",)),
+            "samples/prediction": ((), "int64", ("sample",)),
+            "samples/logits": ((self.classes,), "float32", ("sample", "class")),
+            "samples/valid": ((), "bool", ("sample",)),
+        }
+        for name, shape in self.layers.items():
+            per_concept = ((shape[0],), "float32", ("sample", "concept"))
+            out[f"layers/{name}/relevance"] = per_concept
+            out[f"layers/{name}/normaliser"] = ((), "float32", ("sample",))
+            out[f"layers/{name}/act_max"] = per_concept
+            out[f"layers/{name}/act_mean"] = per_concept
+            out[f"layers/{name}/act_argmax"] = ((shape[0],), "int32", ("sample", "concept"))
+            if self.maps and len(shape) > 1:
+                dims = ("sample", "concept", *("y", "x", "z")[: len(shape) - 1])
+                out[f"layers/{name}/maps"] = (tuple(shape), "float16", dims)
+        return out
 
-@dataclass(frozen=True)
-class ChunkResult:
-    """What the analysis computes for the rows of one chunk (numpy arrays)."""
-
-    label: np.ndarray
-    prediction: np.ndarray
-    logits: np.ndarray
-    valid: np.ndarray
-    layers: Mapping[str, Mapping[str, np.ndarray]]  # name -> {relevance, normaliser, act_*}
+    def empty(self, rows: int) -> dict[str, np.ndarray]:
+        """Zeroed arrays for ``rows`` samples (rows that cannot be read stay zero)."""
+        arrays = self.arrays().items()
+        return {path: np.zeros((rows, *shape), dtype) for path, (shape, dtype, _) in arrays}
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -107,7 +126,12 @@ def create_or_resume(path: str | Path, layout: Layout, provenance: Mapping) -> z
     left untouched."""
     path = Path(path)
     identity = {k: provenance.get(k) for k in IDENTITY}
-    shape = {"n_samples": layout.n_samples, "chunk": layout.chunk, "layers": dict(layout.layers)}
+    shape = {
+        "n_samples": layout.n_samples,
+        "chunk": layout.chunk,
+        "layers": {k: list(v) for k, v in layout.layers.items()},
+        "maps": layout.maps,
+    }
     if (path / "zarr.json").exists():
         group = zarr.open_group(path, mode="r+")
         found = dict(group.attrs)
@@ -123,37 +147,8 @@ def create_or_resume(path: str | Path, layout: Layout, provenance: Mapping) -> z
     staging = path.with_name(f"{path.name}.creating-{uuid.uuid4().hex[:8]}")
     group = zarr.open_group(staging, mode="w")
     n, c = layout.n_samples, layout.chunk
-    _array(group, "samples/label", (n,), (c,), "int64", ["sample"])
-    _array(group, "samples/prediction", (n,), (c,), "int64", ["sample"])
-    _array(
-        group,
-        "samples/logits",
-        (n, layout.classes),
-        (c, layout.classes),
-        "float32",
-        ["sample", "class"],
-    )
-    _array(group, "samples/valid", (n,), (c,), "bool", ["sample"])
-    for name, concepts in layout.layers.items():
-        base = f"layers/{name}"
-        for stat in ("relevance", "act_max", "act_mean"):
-            _array(
-                group,
-                f"{base}/{stat}",
-                (n, concepts),
-                (c, concepts),
-                "float32",
-                ["sample", "concept"],
-            )
-        _array(
-            group,
-            f"{base}/act_argmax",
-            (n, concepts),
-            (c, concepts),
-            "int32",
-            ["sample", "concept"],
-        )
-        _array(group, f"{base}/normaliser", (n,), (c,), "float32", ["sample"])
+    for array, (per_sample, dtype, dims) in layout.arrays().items():
+        _array(group, array, (n, *per_sample), (c, *per_sample), dtype, list(dims))
     # one zarr chunk per work unit, so writers of different units never share a file
     _array(group, "progress/done", (layout.n_chunks,), (1,), "bool", ["chunk"])
     group.attrs.update({"schema_version": SCHEMA_VERSION, "provenance": dict(provenance), **shape})
@@ -171,14 +166,13 @@ def done_chunks(group: zarr.Group) -> set[int]:
     return {int(i) for i in np.flatnonzero(group["progress/done"][:])}
 
 
-def write_chunk(group: zarr.Group, layout: Layout, chunk: int, result: ChunkResult) -> None:
-    """Write one chunk's rows (whole chunks, one write per array), then mark it done."""
+def write_chunk(
+    group: zarr.Group, layout: Layout, chunk: int, arrays: Mapping[str, np.ndarray]
+) -> None:
+    """Write one chunk's rows of every array (whole chunks, one write each), then mark it done."""
     rows = slice(layout.rows(chunk).start, layout.rows(chunk).stop)
-    for name in ("label", "prediction", "logits", "valid"):
-        group[f"samples/{name}"][rows] = getattr(result, name)
-    for layer, stats in result.layers.items():
-        for stat, values in stats.items():
-            group[f"layers/{layer}/{stat}"][rows] = values
+    for path, values in arrays.items():
+        group[path][rows] = values
     group["progress/done"][chunk] = True
 
 

@@ -1,0 +1,64 @@
+"""Dataset analysis into the store: images per second and bytes per sample on disk, with and
+without relevance maps (the concept world and its CNN; CPU by default).
+
+    python benchmarks/bench_store.py [--n 1200] [--chunk 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import crp_toolkit as ct
+from crp_toolkit.data.training import load_world_model
+from crp_toolkit.data.world import ConceptWorld
+from crp_toolkit.store.analysis import analyze_dataset
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--n", type=int, default=1200)
+    p.add_argument("--chunk", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    analyzer = ct.LRP(ct.canonize(load_world_model()), ct.composites.EpsilonPlusFlat())
+    world = ConceptWorld(n=args.n, seed=1)
+    images = torch.stack([world[i][0] for i in range(args.n)])  # generation is not timed
+    data = torch.utils.data.TensorDataset(
+        images, torch.tensor([world[i][1] for i in range(args.n)])
+    )
+    layers = ["features.12", "features.8"]
+    print("| maps | samples | seconds | img/s | bytes/sample |\n|---|---|---|---|---|")
+    for maps in (False, True):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "s.zarr"
+            start = time.perf_counter()
+            analyze_dataset(
+                analyzer,
+                data,
+                layers,
+                path,
+                dataset_description="world",
+                chunk=args.chunk,
+                loader_options={"num_workers": 0},
+                progress=False,
+                maps=maps,
+            )
+            seconds = time.perf_counter() - start
+            print(
+                f"| {maps} | {args.n} | {seconds:.2f} | {args.n / seconds:.0f} | "
+                f"{disk_bytes(path) / args.n:.0f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
