@@ -309,6 +309,9 @@ def test_relevance_maps_sum_to_the_concept_relevance(analyzer, fashion_data, tmp
     np.testing.assert_allclose(
         maps[:].astype(np.float32).sum((2, 3)), store.layer("conv2")[:], rtol=1e-2, atol=1e-3
     )
+    np.testing.assert_allclose(
+        maps[:].astype(np.float32).max((2, 3)), store.layer("conv2", "rel_max")[:], rtol=1e-3
+    )
     with pytest.raises(KeyError):
         store.group["layers/linear1/maps"]  # dense layers have no spatial map
     with pytest.raises(StoreMismatchError):  # maps on or off is part of the store's shape

@@ -28,15 +28,18 @@ from crp_toolkit.store.zarr_store import (
 
 
 def layer_statistics(relevance: Tensor, activation: Tensor, maps: bool) -> dict[str, np.ndarray]:
-    """Concept relevance (summed over space), its absolute normaliser, and the spatial max,
-    mean and argmax of each channel's activation, for a batch; with ``maps`` the relevance
-    maps themselves (float16)."""
+    """Concept relevance (summed over space, and its spatial max), its absolute normaliser,
+    and the spatial max, mean and argmax of each channel's activation, for a batch: all that
+    RelMax/ActMax with "sum" and "max" targets need. With ``maps``, the relevance maps
+    themselves (float16)."""
     scores = ChannelConcept().relevance(relevance, activation)
     flat = activation.flatten(2) if activation.dim() > 2 else activation[..., None]
+    rel_flat = relevance.flatten(2) if relevance.dim() > 2 else relevance[..., None]
     best = flat.max(2)
     stats = {
         "relevance": scores.float().cpu().numpy(),
         "normaliser": scores.abs().sum(1).float().cpu().numpy(),
+        "rel_max": rel_flat.max(2).values.float().cpu().numpy(),
         "act_max": best.values.float().cpu().numpy(),
         "act_mean": flat.mean(2).float().cpu().numpy(),
         "act_argmax": best.indices.int().cpu().numpy(),

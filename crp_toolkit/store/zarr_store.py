@@ -11,6 +11,7 @@ Schema (version 1); every array has ``dimension_names`` so xarray can open it::
       layers/<name>/relevance   (sample, concept) float32  summed over space, explaining the
                                                            label (or prediction), unnormalised
       layers/<name>/normaliser  (sample,)         float32  sum of |relevance| over concepts
+      layers/<name>/rel_max     (sample, concept) float32  spatial max of the relevance map
       layers/<name>/act_max     (sample, concept) float32  spatial max of the activation
       layers/<name>/act_mean    (sample, concept) float32  spatial mean
       layers/<name>/act_argmax  (sample, concept) int32    flat position of the max
@@ -78,6 +79,7 @@ class Layout:
             per_concept = ((shape[0],), "float32", ("sample", "concept"))
             out[f"layers/{name}/relevance"] = per_concept
             out[f"layers/{name}/normaliser"] = ((), "float32", ("sample",))
+            out[f"layers/{name}/rel_max"] = per_concept
             out[f"layers/{name}/act_max"] = per_concept
             out[f"layers/{name}/act_mean"] = per_concept
             out[f"layers/{name}/act_argmax"] = ((shape[0],), "int32", ("sample", "concept"))
