@@ -45,3 +45,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class Images(torch.utils.data.Dataset):
+    """Images and labels in memory; the samples in ``broken`` fail to read, as a corrupt file."""
+
+    def __init__(self, x, y, broken=()):
+        self.x, self.y, self.broken = x, y, set(broken)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if i in self.broken:
+            raise OSError(f"sample {i} is corrupt")
+        return self.x[i], int(self.y[i])

@@ -14,28 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
-from conftest import FASHION_DIR, FASHION_OVERRIDES
+from conftest import FASHION_DIR, FASHION_OVERRIDES, Images
 
 import crp_toolkit as ct
+from crp_toolkit.mining import reference_samples
 from crp_toolkit.store.analysis import analyze_dataset
 from crp_toolkit.store.zarr_store import StoreMismatchError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Images(torch.utils.data.Dataset):
-    def __init__(self, x, y, broken=()):
-        self.x, self.y, self.broken = x, y, set(broken)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        if i in self.broken:
-            raise OSError(f"sample {i} is corrupt")
-        return self.x[i], int(self.y[i])
 
 
 @pytest.fixture(scope="module")
@@ -284,10 +271,8 @@ def test_reference_samples_match_zennit_crp_feature_visualization(fashion_model,
     )
     fv.run(EpsilonPlus(), 0, len(data), batch_size=128, checkpoint=len(data))
     theirs, _, _ = load_maximization(fv.RelMax.PATH, "m.conv2")  # (40, channels)
-    store = ct.store.open(path)
-    normed = store.layer("conv2")[:] / store.layer("conv2", "normaliser")[:][:, None]
-    ours = np.argsort(-normed, axis=0, kind="stable")[: len(theirs)]
-    np.testing.assert_array_equal(ours, np.asarray(theirs))
+    ours = reference_samples(ct.store.open(path), "conv2", k=len(theirs))  # RelMax, sum, normed
+    np.testing.assert_array_equal(ours.samples, np.asarray(theirs))
 
 
 def test_relevance_maps_sum_to_the_concept_relevance(analyzer, fashion_data, tmp_path):
