@@ -95,19 +95,13 @@ def _chunk_size(fp: ForwardPass, masks: Mapping[int, Tensor], budget: int) -> in
     """Slots per chunk so that the relevance pass stays within ``budget`` bytes (estimate:
     a few tensors the size of every activation below the highest conditioned layer)."""
     top = max(masks) if masks else len(fp.graph.layers) - 1
+    below = {layer.node for layer in fp.graph.layers[: top + 1]} | {fp.graph.input_node}
     per_slot = sum(
         t.numel() * t.element_size()
         for node, t in fp.values.items()
-        if isinstance(t, Tensor) and _position(fp, node) <= top
+        if isinstance(t, Tensor) and node in below
     )
     return max(1, int(budget // max(1, 3 * per_slot)))
-
-
-def _position(fp: ForwardPass, node) -> int:
-    for layer in fp.graph.layers:
-        if layer.node is node:
-            return layer.index
-    return -1
 
 
 def _check_on_one_path(analyzer: LRP, masks: Mapping[int, Tensor]) -> None:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from crp_toolkit.concepts.concepts import ChannelConcept, Concept
 from crp_toolkit.concepts.conditional import propagate_conditioned
-from crp_toolkit.engine.explanation import resolve_target
+from crp_toolkit.engine.explanation import explain, resolve_target
 from crp_toolkit.engine.lrp import LRP
 
 
@@ -132,16 +132,10 @@ def concept_relevances(
     """Relevance of every concept of each layer (summed over space), (B, n_concepts) per
     layer, from one explanation; ``abs_norm`` divides by the sum of absolute values."""
     concept = concept or ChannelConcept()
-    graph = analyzer.graph
-    index = [graph.index(name) for name in layers]
-    fp = analyzer.forward(x, keep=index)
-    target = resolve_target(fp.output, target)
-    activations = {i: fp.value(i) for i in index}
-    init = {graph.output_layer: analyzer.output_relevance(fp.output, target)[None]}
-    _, recorded = analyzer.propagate(fp, init, record=index)
+    expl = explain(analyzer, x, target, layer_relevances=layers)
     out = {}
-    for name, i in zip(layers, index, strict=True):
-        scores = concept.relevance(recorded[i][0], activations[i])
+    for name in layers:
+        scores = concept.relevance(expl.layer_relevances[name], expl.layer_activations[name])
         if abs_norm:
             scores = scores / scores.abs().sum(1, keepdim=True).clamp_min(1e-12)
         out[name] = scores

@@ -15,13 +15,15 @@ class Explanation:
 
     ``relevance`` is shaped like the input; ``output`` holds the model's logits and
     ``target`` the explained class per sample; ``layer_relevances`` maps layer names to the
-    relevance arriving at their outputs (when asked for).
+    relevance arriving at their outputs (when asked for), ``layer_activations`` to those
+    layers' outputs.
     """
 
     relevance: Tensor
     output: Tensor
     target: Tensor
     layer_relevances: dict[str, Tensor] = field(default_factory=dict)
+    layer_activations: dict[str, Tensor] = field(default_factory=dict)
 
 
 def resolve_target(output: Tensor, target: int | Sequence[int] | Tensor | None) -> Tensor:
@@ -51,18 +53,19 @@ def explain(
     analyzer, x: Tensor, target=None, *, layer_relevances: bool | Sequence[str] = False
 ) -> Explanation:
     """Explain ``target`` (argmax by default) for every sample of ``x`` with ``analyzer``."""
-    fp = analyzer.forward(x)
-    ids = resolve_target(fp.output, target)
-    init = analyzer.output_relevance(fp.output, ids)[None]
     graph = analyzer.graph
     if layer_relevances is True:
-        record = range(len(graph.layers))
+        record = list(range(len(graph.layers)))
     else:
         record = [graph.index(name) for name in (layer_relevances or ())]
+    fp = analyzer.forward(x, keep=record)
+    ids = resolve_target(fp.output, target)
+    activations = {graph.layers[i].name: fp.value(i) for i in record}
+    init = analyzer.output_relevance(fp.output, ids)[None]
     pending, recorded = analyzer.propagate(fp, {graph.output_layer: init}, record=record)
     relevance = pending.get(-1, torch.zeros_like(x)[None])[0]
     layers = {graph.layers[i].name: r[0] for i, r in sorted(recorded.items())}
-    return Explanation(relevance, fp.output, ids, layers)
+    return Explanation(relevance, fp.output, ids, layers, activations)
 
 
 def analyze(x: Tensor, analyzer, target: int | Sequence[int] | Tensor | None = None, **kwargs):

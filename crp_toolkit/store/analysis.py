@@ -16,6 +16,7 @@ from tqdm import tqdm
 import crp_toolkit
 from crp_toolkit.concepts.concepts import ChannelConcept
 from crp_toolkit.data.loading import first_readable, gather
+from crp_toolkit.engine.explanation import explain as explain_batch
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.store.zarr_store import (
     Layout,
@@ -53,22 +54,17 @@ def analyze_batch(
     analyzer: LRP, x: Tensor, labels: Tensor, layers: Sequence[str], explain: str, maps: bool
 ) -> dict[str, np.ndarray]:
     """One batch (one forward, one backward): store arrays by path (samples/..., layers/...)."""
-    graph = analyzer.graph
-    index = [graph.index(name) for name in layers]
-    fp = analyzer.forward(x, keep=index)
-    prediction = fp.output.argmax(1)
-    target = labels.to(prediction.device) if explain == "label" else prediction
-    init = {graph.output_layer: analyzer.output_relevance(fp.output, target)[None]}
-    activations = {i: fp.value(i) for i in index}
-    _, recorded = analyzer.propagate(fp, init, record=index)
+    target = labels.to(x.device) if explain == "label" else None  # None: the prediction
+    expl = explain_batch(analyzer, x, target, layer_relevances=list(layers))
     out = {
         "samples/label": labels.numpy(),
-        "samples/prediction": prediction.cpu().numpy(),
-        "samples/logits": fp.output.float().cpu().numpy(),
+        "samples/prediction": expl.output.argmax(1).cpu().numpy(),
+        "samples/logits": expl.output.float().cpu().numpy(),
         "samples/valid": np.ones(len(x), dtype=bool),
     }
-    for name, i in zip(layers, index, strict=True):
-        for stat, values in layer_statistics(recorded[i][0], activations[i], maps).items():
+    for name in layers:
+        relevance, activation = expl.layer_relevances[name], expl.layer_activations[name]
+        for stat, values in layer_statistics(relevance, activation, maps).items():
             out[f"layers/{name}/{stat}"] = values
     return out
 
