@@ -70,9 +70,9 @@ def read_result(path: str | Path, name: str) -> Result | None:
     """The result ``name``, or None when the store holds no such result."""
     root = zarr.open_group(Path(path), mode="r")
     key = f"{ROOT}/{name}"
-    if key not in root:
-        return None
-    group = root[key]
+    group = root.get(key)
+    if not isinstance(group, zarr.Group) or group.attrs.get("result") != name:
+        return None  # absent, or only a folder of other results
     arrays = {k: np.asarray(v[...]) for k, v in group.arrays()}
     return Result(arrays, dict(group.attrs))
 
