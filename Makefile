@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/crp-toolkit explain
+	$(BIN)/crp-toolkit run
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

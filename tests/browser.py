@@ -148,3 +148,27 @@ class Browser:
         """A PNG of the page as shown."""
         path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot")["data"]))
         return path
+
+
+def check_site(browser: Browser, index: Path) -> list[Path]:
+    """Open every page of the static site beside ``index``: each renders without console
+    errors or exceptions, every image loaded, and every link (and #anchor) resolves to a file
+    of the site. Returns the pages checked."""
+    folder = index.parent
+    pages = sorted(folder.glob("*.html"))
+    for page in pages:
+        browser.navigate(page.as_uri())
+        links = browser.evaluate(
+            "Array.from(document.querySelectorAll('a[href]'), a => a.getAttribute('href'))"
+        )
+        images = browser.evaluate(
+            "Array.from(document.images, i => [i.getAttribute('src'), i.naturalWidth])"
+        )
+        assert browser.problems == [], (page.name, browser.problems)
+        assert images and all(width > 0 for _, width in images), (page.name, images)
+        for href in links:
+            target, _, anchor = href.partition("#")
+            assert "//" not in target and (folder / (target or page.name)).is_file(), href
+            if anchor:
+                assert f'id="{anchor}"' in (folder / (target or page.name)).read_text()
+    return pages

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,20 @@ FASHION_OVERRIDES = (
     "dataset.labels_key=targets",
 )
 
+ROOT = Path(__file__).resolve().parents[1]
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run ``python -m crp_toolkit <args>`` (a real Hydra run) in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "crp_toolkit", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="session")

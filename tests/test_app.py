@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import FASHION_OVERRIDES
+from conftest import FASHION_OVERRIDES, cli
 
 from crp_toolkit.data.training import load_world_model
 from crp_toolkit.data.world import (
@@ -24,16 +22,6 @@ from crp_toolkit.data.world import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "crp_toolkit", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_explain_runs_the_default_and_records_its_config(tmp_path):

@@ -33,8 +33,8 @@ def test_a_heatmap_on_one_concept_matches_that_concept():
     heatmaps = np.stack([s.masks[mark] * 2.0 - 0.5 for s in with_mark])  # negative elsewhere
     masks = np.stack([s.masks for s in with_mark])
     presence = np.stack([s.concepts for s in with_mark])
-    matched, accuracy, purity = match_references(heatmaps, masks, presence)
-    assert CONCEPTS[matched] == "watermark" and accuracy == 1.0 and purity == 1.0
+    m = match_references(heatmaps, masks, presence)
+    assert CONCEPTS[m.best] == "watermark" and m.accuracy[m.best] == 1.0 and m.purity == 1.0
 
 
 def test_purity_counts_references_without_the_matched_concept():
@@ -44,9 +44,10 @@ def test_purity_counts_references_without_the_matched_concept():
     no_red = [s for s in found if not s.concepts[red]][:1]
     refs = has_red + no_red
     heatmaps = np.stack([s.masks[red].astype(float) for s in has_red] + [np.zeros((64, 64))])
-    matched, accuracy, purity = match_references(
+    m = match_references(
         heatmaps, np.stack([s.masks for s in refs]), np.stack([s.concepts for s in refs])
     )
+    matched, accuracy, purity = m.best, m.accuracy[m.best], m.purity
     assert all(s.concepts[matched] for s in has_red)  # a mask holding all of each red object
     assert np.isclose(purity, np.stack([s.concepts for s in refs])[:, matched].mean())
     assert np.isclose(accuracy, 4 / 5)  # the empty heatmap scores 0

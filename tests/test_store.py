@@ -64,7 +64,7 @@ def test_store_holds_what_direct_computation_gives(analyzer, fashion_data, tmp_p
     np.testing.assert_array_equal(store.samples("label")[:][keep], y[keep].numpy())
     np.testing.assert_array_equal(store.samples("prediction")[:][keep], fp.output.argmax(1))
     attrs = store.attrs
-    assert attrs["schema_version"] == 1 and attrs["provenance"]["explain"] == "label"
+    assert attrs["schema_version"] == 2 and attrs["provenance"]["explain"] == "label"
     with pytest.raises(KeyError, match="holds"):
         store.layer("conv9")
 
@@ -107,10 +107,10 @@ def _analyze_cmd(store: Path, run: Path) -> list[str]:
         *FASHION_OVERRIDES,
         "concepts.layers=[conv2,linear1]",
         "composite=epsilon_plus",
-        "analysis.chunk=20",
+        "store.chunk=20",
         "analysis.limit=2000",
         "loader.num_workers=0",
-        f"analysis.store={store}",
+        f"store.path={store}",
         f"hydra.run.dir={run}",
     ]
 
@@ -158,10 +158,14 @@ def _fashion_overrides(store: Path, limit: int = 400) -> list[str]:
 
 
 def _assert_same_store(a_path: Path, b_path: Path) -> None:
-    """Every array of the two stores is identical, and the first is complete."""
+    """Every array of the two stores is identical (the per-chunk and the merged reference
+    tables included), and the first is complete."""
     a, b = zarr.open_group(a_path, mode="r"), zarr.open_group(b_path, mode="r")
     arrays = [path for path, node in a.members(max_depth=None) if isinstance(node, zarr.Array)]
     assert len(arrays) > 10
+    assert a.attrs["tables_merged"] and b.attrs["tables_merged"]
+    merged = [p for p in arrays if p.startswith(("derived/tables/", "derived/class_tables/"))]
+    assert len(merged) == 2 * 2 * 8 * 2  # (top, class) x 2 layers x 8 specs x (samples, scores)
     for path in arrays:
         np.testing.assert_array_equal(a[path][:], b[path][:], err_msg=path)
     assert a["progress/done"][:].all()

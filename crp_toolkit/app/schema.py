@@ -1,4 +1,8 @@
-"""Config schemas (structured configs): a typo or a wrong type fails at start, naming the key."""
+"""Config schemas (structured configs): a typo or a wrong type fails at start, naming the key.
+
+One dataclass per config group; the group's YAML files in ``crp_toolkit/conf/<group>/`` fill
+them. ``model``, ``dataset`` and ``composite`` are free-form ``_target_`` nodes (any class).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-STAGES = ("explain", "analyze")
+# `run` runs the others in this order (evaluate only on data with ground truth)
+PIPELINE = ("explain", "analyze", "mine", "atlas", "evaluate")
+STAGES = (*PIPELINE, "run")
 
 
 @dataclass
@@ -32,14 +38,57 @@ class ExplainConfig:
 
 
 @dataclass
-class AnalysisConfig:
-    store: str | None = None
+class StoreConfig:
+    """Where the dataset store lives and what it holds (see crp_toolkit/store/zarr_store.py)."""
+
+    path: str | None = None  # null: store.zarr in the run's folder (analyze and run only)
     chunk: int = 256
-    explain: str = "label"
+    maps: bool = False  # relevance maps at each layer's resolution (float16)
+    tables_k: int = 32  # streaming top-k reference tables per concept (0: none)
+    class_tables_k: int = 8  # the same per class
+    logits_k: int = 0  # keep only the top-k logits per sample (0: all)
+    top_heatmaps: int = 0  # input-space heatmaps of each sample's top concepts (0: none)
+
+
+@dataclass
+class AnalysisConfig:
+    explain: str = "label"  # explain each sample's label, or its "prediction"
     limit: int | None = None
     shard: int = 0  # this job's shard (a Hydra multirun sweeps it); torchrun sets it per rank
     shards: int = 1
-    maps: bool = False  # also store relevance maps at each layer's resolution (float16)
+
+
+@dataclass
+class MiningConfig:
+    k: int = 8  # reference samples per concept
+    target: str = "sum"  # relevance (activation) summed over space, or its "max"
+    normalised: bool = True
+    concepts: int | None = 16  # concepts per layer given localised references (null: all)
+    prototypes: int = 3  # Gaussian mixture components per class (PCX)
+    clusters: int = 6  # concept clusters per layer
+    ablation_samples: int = 64
+    ablation_steps: int = 16
+    seed: int = 0
+
+
+@dataclass
+class AtlasConfig:
+    formats: list[str] = field(default_factory=lambda: ["png"])  # png, pdf, svg
+    width: float = 7.0  # inches
+    dpi: int = 120
+    font_size: float = 8.0
+    cmap: str = "bwr"  # signed relevance
+    palette: str = "tab10"  # categories (concepts in an atlas, clusters)
+    inputs: list[int] = field(default_factory=lambda: list(range(4)))  # glocal figures
+    concepts: int = 4  # concepts per input in the glocal figures
+    html: bool = True
+
+
+@dataclass
+class EvaluateConfig:
+    top: int = 3  # most relevant concepts scored per class
+    k: int = 8  # references per concept
+    watermark_top: int = 16  # concepts of the watermark's class searched for the watermark
 
 
 @dataclass
@@ -54,7 +103,11 @@ class Config:
     concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    atlas: AtlasConfig = field(default_factory=AtlasConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def register() -> None:

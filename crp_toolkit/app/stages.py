@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 import crp_toolkit as ct
+from crp_toolkit.app.schema import PIPELINE
 from crp_toolkit.atlas.figures import concept_figure
 from crp_toolkit.data.loading import first_readable, gather
 from crp_toolkit.store.analysis import analyze_dataset
@@ -23,12 +25,43 @@ log = logging.getLogger("crp_toolkit")
 
 
 def run(cfg: DictConfig) -> None:
+    """Run the configured stage (``run``: every stage of the pipeline, in order)."""
+    from crp_toolkit.app.atlas import atlas
+    from crp_toolkit.app.evaluate import evaluate
+    from crp_toolkit.app.mine import mine
+    from crp_toolkit.mining.discovery import has_ground_truth
+
     out = Path(HydraConfig.get().runtime.output_dir)
-    {"explain": explain, "analyze": analyze}[cfg.stage](cfg, out)
+    stages = {
+        "explain": explain,
+        "analyze": analyze,
+        "mine": mine,
+        "atlas": atlas,
+        "evaluate": evaluate,
+    }
+    if cfg.stage != "run":
+        stages[cfg.stage](cfg, out)
+    else:
+        for name in PIPELINE:
+            if name == "evaluate" and not has_ground_truth(instantiate(cfg.dataset)):
+                log.info("evaluate skipped: the dataset has no ground-truth concepts")
+                continue
+            log.info("stage %s", name)
+            stages[name](cfg, out)
     print(f"results in {out}")
 
 
-def load(cfg: DictConfig):
+@dataclass(frozen=True)
+class Loaded:
+    """What a stage works with: the dataset (cut to ``analysis.limit``), its description (part
+    of the store's provenance) and the LRP analyzer of the canonized model."""
+
+    dataset: Dataset
+    description: str
+    analyzer: ct.LRP
+
+
+def load(cfg: DictConfig) -> Loaded:
     """Model (canonized, softmax stripped), dataset and LRP analyzer from the config; a
     dataset with more classes than the model has outputs is refused here, before any work."""
     torch.manual_seed(cfg.seed)
@@ -40,7 +73,9 @@ def load(cfg: DictConfig):
         model, instantiate(cfg.composite), normalize_output_relevance=cfg.output_relevance == "one"
     )
     _check_classes(model, dataset, cfg.device)
-    return model, dataset, analyzer
+    if cfg.analysis.limit is not None:
+        dataset = Subset(dataset, range(min(cfg.analysis.limit, len(dataset))))
+    return Loaded(dataset, dataset_description(cfg), analyzer)
 
 
 def _check_classes(model, dataset, device: str) -> None:
@@ -56,7 +91,8 @@ def _check_classes(model, dataset, device: str) -> None:
 
 def explain(cfg: DictConfig, out: Path) -> None:
     """LRP heatmaps of the chosen inputs, and each input's most relevant concepts."""
-    _, dataset, analyzer = load(cfg)
+    loaded = load(cfg)
+    dataset, analyzer = loaded.dataset, loaded.analyzer
     batch = gather(dataset, list(cfg.explain.indices), **cfg.loader)
     report = {"explained": batch.indices, "skipped": batch.skipped}
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -71,7 +107,7 @@ def explain(cfg: DictConfig, out: Path) -> None:
             f"labels {sorted(set(batch.labels.tolist()))} exceed the model's "
             f"{expl.output.shape[1]} classes; is this the model for this dataset?"
         )
-    names = getattr(dataset, "classes", None) or [str(k) for k in range(expl.output.shape[1])]
+    names = class_names(dataset, expl.output.shape[1])
     titles = [
         f"{names[y]} -> {names[t]}"
         for y, t in zip(batch.labels.tolist(), expl.target.tolist(), strict=True)
@@ -88,33 +124,75 @@ def explain(cfg: DictConfig, out: Path) -> None:
 
 def analyze(cfg: DictConfig, out: Path) -> None:
     """The dataset pass into the store (created, or resumed when it exists)."""
-    _, dataset, analyzer = load(cfg)
-    if cfg.analysis.limit is not None:
-        dataset = Subset(dataset, range(min(cfg.analysis.limit, len(dataset))))
-    store = Path(cfg.analysis.store) if cfg.analysis.store else out / "store.zarr"
-    description = OmegaConf.to_yaml(cfg.dataset) + f"limit={cfg.analysis.limit}"
+    loaded = load(cfg)
+    store = store_path(cfg, out)
     shard, shards = _shard(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     config["analysis"].pop("shard")  # provenance is the same for every shard
     analyze_dataset(
-        analyzer,
-        dataset,
+        loaded.analyzer,
+        loaded.dataset,
         list(cfg.concepts.layers),
         store,
-        dataset_description=description,
-        chunk=cfg.analysis.chunk,
+        dataset_description=loaded.description,
+        chunk=cfg.store.chunk,
         explain=cfg.analysis.explain,
         device=cfg.device,
         loader_options=dict(cfg.loader),
         config=config,
         shard=shard,
         shards=shards,
-        maps=cfg.analysis.maps,
+        maps=cfg.store.maps,
+        k=cfg.store.tables_k,
+        k_class=cfg.store.class_tables_k,
+        logits_k=cfg.store.logits_k,
+        top_heatmaps=cfg.store.top_heatmaps,
     )
     if shards > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank's chunks are in
     status = "complete" if ct.store.open(store).complete else "partial (other shards pending)"
     log.info("store %s: %s", store, status)
+
+
+def store_path(cfg: DictConfig, out: Path) -> Path:
+    """The store this run writes (analyze) or reads: ``store.path``, else the run's own."""
+    return Path(cfg.store.path) if cfg.store.path else out / "store.zarr"
+
+
+def open_store(cfg: DictConfig, out: Path) -> ct.store.Store:
+    """The finished store a later stage reads; a missing or unfinished one is a clear error."""
+    path = store_path(cfg, out)
+    if not (path / "zarr.json").exists():
+        raise FileNotFoundError(
+            f"{cfg.stage} reads a dataset store, and there is none at {path}: run "
+            "`crp-toolkit analyze store.path=...` first and give the same store.path here"
+        )
+    store = ct.store.open(path)
+    if not store.complete:
+        raise RuntimeError(
+            f"the store at {path} is unfinished (some chunks or shards are missing): run "
+            "`crp-toolkit analyze` again with the same store.path to finish it"
+        )
+    return store
+
+
+def open_run(run_dir: str | Path) -> tuple[DictConfig, Loaded, ct.store.Store]:
+    """A finished run's config, its data and analyzer, and its store: for notebooks and the
+    scripts in ``experiments/`` that build on a run."""
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    return cfg, load(cfg), open_store(cfg, run_dir)
+
+
+def class_names(dataset, classes: int) -> list[str]:
+    """The dataset's class names (through a Subset), else the class indices."""
+    names = getattr(getattr(dataset, "dataset", dataset), "classes", None)
+    return list(names) if names is not None else [str(k) for k in range(classes)]
+
+
+def dataset_description(cfg: DictConfig) -> str:
+    """What identifies the data in the store's provenance: its config and the limit."""
+    return OmegaConf.to_yaml(cfg.dataset) + f"limit={cfg.analysis.limit}"
 
 
 def _shard(cfg: DictConfig) -> tuple[int, int]:

@@ -379,6 +379,36 @@ def ablation_figure(
     return fig
 
 
+def grouped_bars_figure(
+    groups: Sequence[str],
+    panels: dict[str, dict[str, Image]],
+    *,
+    ylim: tuple[float, float] | None = (0.0, 1.0),
+    style: FigureStyle = DEFAULT_STYLE,
+) -> Figure:
+    """One panel per entry of ``panels`` (title -> {series label -> one value per group}):
+    bars grouped by ``groups``, one colour per series (e.g. RelMax vs ActMax scores per class)."""
+    if not panels:
+        raise ValueError("a bar figure needs at least one panel")
+    with plt.rc_context(style.rc()):
+        fig, axes = plt.subplots(
+            len(panels), 1, figsize=(style.width, 2.2 * len(panels)), layout="constrained"
+        )
+        for ax, (title, series) in zip(np.atleast_1d(axes), panels.items()):
+            width = 0.8 / max(len(series), 1)
+            colours = palette_colours(len(series), style.palette)
+            for i, ((label, values), colour) in enumerate(zip(series.items(), colours)):
+                x = np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width
+                ax.bar(x, to_numpy(values), width, color=colour, label=label)
+            ax.set_xticks(np.arange(len(groups)), groups)
+            ax.set_title(title)
+            if ylim:
+                ax.set_ylim(*ylim)
+            ax.spines[["top", "right"]].set_visible(False)
+            ax.legend(fontsize="small")
+    return fig
+
+
 __all__ = [
     "AblationCurve",
     "ConceptSheet",
@@ -387,6 +417,7 @@ __all__ = [
     "class_importance_figure",
     "concept_sheet_figure",
     "draw_attribution_graph",
+    "grouped_bars_figure",
     "layer_map_figure",
     "prototype_figure",
     "tree_layout",

@@ -1,5 +1,55 @@
-"""Mining the dataset store: reference samples, class statistics, prototypes, similarity."""
+"""Mining the dataset store: reference samples (RelMax/ActMax, localised), class statistics,
+PCX prototypes, concept similarity, ablation curves and scored discovery."""
 
-from crp_toolkit.mining.references import ReferenceTable, reference_samples
+from crp_toolkit.mining.ablation import AblationCurves, ablation_curves, read_ablation
+from crp_toolkit.mining.discovery import DiscoveryScores, score_discovery
+from crp_toolkit.mining.localise import (
+    LocalisedReferences,
+    ReceptiveField,
+    ViewOptions,
+    localise_references,
+    receptive_field,
+)
+from crp_toolkit.mining.prototypes import Prototypes, fit_prototypes
+from crp_toolkit.mining.references import (
+    ClassReferenceTable,
+    ReferenceTable,
+    class_references,
+    reference_samples,
+)
+from crp_toolkit.mining.similarity import ConceptSimilarity, concept_similarity
+from crp_toolkit.mining.statistics import (
+    ClassStatistics,
+    class_statistics,
+    load_result,
+    save_result,
+    top_classes,
+    top_concepts,
+)
 
-__all__ = ["ReferenceTable", "reference_samples"]
+__all__ = [
+    "AblationCurves",
+    "ClassReferenceTable",
+    "ClassStatistics",
+    "ConceptSimilarity",
+    "DiscoveryScores",
+    "LocalisedReferences",
+    "Prototypes",
+    "ReceptiveField",
+    "ReferenceTable",
+    "ViewOptions",
+    "ablation_curves",
+    "class_references",
+    "class_statistics",
+    "concept_similarity",
+    "fit_prototypes",
+    "load_result",
+    "localise_references",
+    "read_ablation",
+    "receptive_field",
+    "reference_samples",
+    "save_result",
+    "score_discovery",
+    "top_classes",
+    "top_concepts",
+]

@@ -20,6 +20,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from torch.utils.data import Dataset, Subset
+
+from crp_toolkit.engine.lrp import LRP
+from crp_toolkit.mining.localise import LocalisedReferences, localise_references
+from crp_toolkit.mining.references import MODES, reference_samples
+from crp_toolkit.mining.statistics import ClassStatistics, top_concepts
+from crp_toolkit.store.zarr_store import Store
 
 
 @dataclass(frozen=True)
@@ -41,12 +48,31 @@ class DiscoveryScores:
     """Every scored (class, concept, reference kind), and the watermark finding."""
 
     scores: list[ConceptScore]
+    top: int  # concepts scored per class (the watermark's class is searched deeper)
     watermark_class: int | None = None
-    watermark_found: bool = False
-    watermark_rank: int | None = None  # rank of the best watermark-matched concept, if any
+    watermark_share: float | None = None  # best mean share of RelMax relevance on the mark
+
+    @property
+    def watermark_rank(self) -> int | None:
+        """Rank of the watermark class's first concept whose RelMax references match the
+        watermark best, or None."""
+        hits = [
+            s.rank
+            for s in self.scores
+            if (s.cls, s.references, s.matched) == (self.watermark_class, "relevance", "watermark")
+        ]
+        return min(hits) if hits else None
+
+    @property
+    def watermark_found(self) -> bool:
+        return self.watermark_rank is not None
+
+    def headline(self) -> list[ConceptScore]:
+        """The scores of each class's ``top`` concepts."""
+        return [s for s in self.scores if s.rank < self.top]
 
     def mean(self, references: str, field: str) -> float:
-        values = [getattr(s, field) for s in self.scores if s.references == references]
+        values = [getattr(s, field) for s in self.headline() if s.references == references]
         return float(np.mean(values)) if values else float("nan")
 
     def rows(self) -> list[dict]:
@@ -59,7 +85,7 @@ class DiscoveryScores:
             "| class | rank | concept | references | matched | mass accuracy | purity |",
             "|---|---|---|---|---|---|---|",
         ]
-        for s in self.scores:
+        for s in self.headline():
             lines.append(
                 f"| {name(s.cls)} | {s.rank} | {s.layer}:{s.concept} | {s.references} | "
                 f"{s.matched} | {s.mass_accuracy:.2f} | {s.purity:.2f} |"
@@ -72,7 +98,12 @@ class DiscoveryScores:
             )
         if self.watermark_class is not None:
             found = f"yes, rank {self.watermark_rank}" if self.watermark_found else "no"
-            lines += ["", f"Watermark found among class {name(self.watermark_class)}'s: {found}"]
+            lines += [
+                "",
+                f"Watermark matched by a top concept of class {name(self.watermark_class)}: "
+                f"{found}; the best share of such a concept's RelMax relevance on the watermark: "
+                f"{self.watermark_share:.3f}",
+            ]
         return "\n".join(lines)
 
 
@@ -85,11 +116,112 @@ def mass_accuracy(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.divide(inside, total, out=np.zeros_like(inside), where=total > 0)
 
 
-def match_references(
-    heatmaps: np.ndarray, masks: np.ndarray, presence: np.ndarray
-) -> tuple[int, float, float]:
-    """The ground-truth concept that one concept's references match best: its index, the mean
-    relevance mass accuracy and the purity (share of references containing it)."""
+@dataclass(frozen=True)
+class Match:
+    """How one concept's references match the ground truth: ``accuracy[j]``, the mean mass
+    accuracy for ground-truth concept j; ``best``, the best-matching one; ``purity``, the
+    share of references containing it."""
+
+    accuracy: np.ndarray
+    best: int
+    purity: float
+
+
+def match_references(heatmaps: np.ndarray, masks: np.ndarray, presence: np.ndarray) -> Match:
+    """Match one concept's references (their heatmaps (n, H, W)) to the ground truth (masks
+    (n, K, H, W), presence (n, K))."""
     accuracy = mass_accuracy(heatmaps, masks).mean(0)
     best = int(np.argmax(accuracy))
-    return best, float(accuracy[best]), float(presence[:, best].mean())
+    return Match(accuracy, best, float(presence[:, best].mean()))
+
+
+def _unwrap(dataset: Dataset, index: int) -> tuple[Dataset, int]:
+    while isinstance(dataset, Subset):
+        dataset, index = dataset.dataset, int(dataset.indices[index])
+    return dataset, index
+
+
+def base_dataset(dataset: Dataset) -> Dataset:
+    """The dataset under any ``Subset`` wrappers (where ground truth and names live)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def has_ground_truth(dataset: Dataset) -> bool:
+    """Whether samples carry ground-truth concepts (``sample(i)`` with masks, as the concept
+    world's do)."""
+    base = base_dataset(dataset)
+    return hasattr(base, "sample") and hasattr(base, "concept_names")
+
+
+def ground_truth(dataset: Dataset, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel masks (n, K, H, W) and presence (n, K) of the ground-truth concepts of samples."""
+    found = [_unwrap(dataset, int(i)) for i in samples]
+    truth = [base.sample(index) for base, index in found]
+    return np.stack([t.masks for t in truth]), np.stack([t.concepts for t in truth])
+
+
+def score_discovery(
+    analyzer: LRP,
+    dataset: Dataset,
+    store: Store,
+    stats: ClassStatistics,
+    *,
+    dataset_description: str,
+    top: int = 3,
+    k: int = 8,
+    watermark_top: int = 16,
+) -> DiscoveryScores:
+    """Score the ``top`` most relevant concepts of every class (by ``stats``, a layer's class
+    statistics; ``watermark_top`` of the watermark's class) through their ``k`` RelMax and
+    ActMax references, localised on the store's samples; see the module docstring."""
+    if not has_ground_truth(dataset):
+        raise ValueError(
+            "scored discovery needs ground-truth concepts (a dataset with sample(i).masks, such "
+            "as crp_toolkit.data.world.ConceptWorld)"
+        )
+    base = base_dataset(dataset)
+    names = list(base.concept_names)
+    wclass = getattr(base, "watermark_class", None)
+    depth = {y: max(top, watermark_top) if y == wclass else top for y in range(len(stats.counts))}
+    ranked = {y: top_concepts(stats, y, n) for y, n in depth.items() if stats.counts[y]}
+    chosen = sorted({int(c) for concepts in ranked.values() for c in concepts})
+    scores, matches_by_mode = [], {}
+    for mode in MODES:
+        table = reference_samples(
+            store, stats.layer, mode=mode, target=stats.target, normalised=stats.normalised, k=k
+        )
+        found = localise_references(
+            analyzer,
+            dataset,
+            store,
+            table,
+            dataset_description=dataset_description,
+            concepts=chosen,
+        )
+        matches = matches_by_mode[mode] = _match_all(found, dataset)
+        for y, concepts in ranked.items():
+            for rank, c in enumerate(concepts):
+                m = matches[int(c)]
+                accuracy = float(m.accuracy[m.best])
+                scores.append(
+                    ConceptScore(
+                        stats.layer, y, rank, int(c), mode, names[m.best], accuracy, m.purity
+                    )
+                )
+    share = None
+    if wclass in ranked and "watermark" in names:
+        mark = names.index("watermark")
+        relmax = matches_by_mode["relevance"]
+        share = max(float(relmax[int(c)].accuracy[mark]) for c in ranked[wclass])
+    return DiscoveryScores(scores, top, wclass, share)
+
+
+def _match_all(found: LocalisedReferences, dataset: Dataset) -> dict[int, Match]:
+    """Per concept of ``found``, how its references match the ground truth."""
+    out = {}
+    for j, concept in enumerate(found.concepts):
+        masks, presence = ground_truth(dataset, found.samples[:, j])
+        out[int(concept)] = match_references(found.heatmaps[:, j], masks, presence)
+    return out

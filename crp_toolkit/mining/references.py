@@ -1,6 +1,8 @@
-"""Reference samples (relevance and activation maximisation) mined from the store, out of
-core: the score matrix is read chunk by chunk and the top-k of every concept is merged exactly
-(ties go to the lower sample index, as a stable sort over the whole matrix would give)."""
+"""Reference samples (relevance and activation maximisation) mined from the store: from the
+merged streaming tables when they hold enough, otherwise out of core from the score matrices
+(read chunk by chunk, the top-k of every concept merged exactly). Either way ties go to the
+lower sample index, as a stable sort over the whole matrix would give, and unreadable samples
+never count."""
 
 from __future__ import annotations
 
@@ -9,10 +11,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from crp_toolkit.store.results import read_result
+from crp_toolkit.store.tables import (
+    MODES,
+    TARGETS,
+    Spec,
+    class_candidates,
+    class_of,
+    class_table,
+    class_table_name,
+    scores,
+    table_name,
+    top_k,
+)
 from crp_toolkit.store.zarr_store import Store
 
-MODES = ("relevance", "activation")
-TARGETS = ("sum", "max")
+__all__ = [
+    "MODES",
+    "TARGETS",
+    "ClassReferenceTable",
+    "ReferenceTable",
+    "class_references",
+    "concept_scores",
+    "reference_samples",
+]
 
 
 @dataclass(frozen=True)
@@ -27,21 +49,79 @@ class ReferenceTable:
     scores: np.ndarray
 
 
+@dataclass(frozen=True)
+class ClassReferenceTable:
+    """``samples[y, r, c]``: the r-th best sample of concept c among the samples labelled y;
+    ``scores`` their scores; -1 / -inf where class y has fewer than r + 1 readable samples."""
+
+    layer: str
+    mode: str
+    target: str
+    normalised: bool
+    samples: np.ndarray
+    scores: np.ndarray
+
+
 def concept_scores(store: Store, layer: str, rows: slice, mode: str, target: str, normalised: bool):
     """The (rows x concepts) scores: relevance or activation, summed ("sum") or maximal ("max")
     over space, optionally divided per sample by the sum of absolute scores (zennit-crp's
-    abs_norm)."""
-    if mode == "relevance":
-        scores = store.layer(layer, "relevance" if target == "sum" else "rel_max")[rows]
-    elif target == "max":
-        scores = store.layer(layer, "act_max")[rows]
-    else:
-        positions = int(np.prod(store.attrs["layers"][layer][1:], dtype=np.int64))
-        scores = store.layer(layer, "act_mean")[rows] * positions
-    scores = scores.astype(np.float64)
-    if normalised:
-        scores = scores / np.maximum(np.abs(scores).sum(1, keepdims=True), 1e-30)
-    return scores
+    abs_norm); see ``crp_toolkit.store.tables.scores``."""
+    spec = Spec(mode, target, normalised)
+    positions = int(np.prod(store.attrs["layers"][layer][1:], dtype=np.int64))
+    return scores(store.layer(layer, spec.stat)[rows], spec, positions)
+
+
+def _chunks(store: Store, layer: str, spec: Spec, wanted: np.ndarray | None = None):
+    """Per store chunk: sample ids and their (rows x concepts) scores; ids are -1 for samples
+    that do not count (unreadable, or labelled outside ``wanted`` when given)."""
+    n, chunk = store.attrs["n_samples"], store.attrs["chunk"]
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        values = concept_scores(store, layer, rows, spec.mode, spec.target, spec.normalised)
+        keep = store.samples("valid")[rows]
+        if wanted is not None:
+            keep &= np.isin(store.samples("label")[rows], wanted)
+        yield np.where(keep, np.arange(rows.start, rows.stop), -1), values
+
+
+def _fold_chunks(store: Store, layer: str, spec: Spec, reduce, wanted=None):
+    """``reduce(samples, scores)`` folded over the store's chunks: exact for top-k tables."""
+    best = None
+    for samples, values in _chunks(store, layer, spec, wanted):
+        samples = np.broadcast_to(samples[:, None], values.shape)
+        if best is not None:
+            samples = np.concatenate([best[0], samples])
+            values = np.concatenate([best[1], values])
+        best = reduce(samples, values)
+    return best
+
+
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+
+
+def _stored(store: Store, name: str, size: str, k: int):
+    """The merged table ``name`` if the store holds it with at least ``k`` rows per entry."""
+    found = read_result(store.path, name)
+    return found if found is not None and k <= found.attrs[size] else None
+
+
+def _stored_top(store: Store, layer: str, spec: Spec, k: int, wanted: np.ndarray | None):
+    """The top ``k`` from the merged tables: the overall table, or the union of the wanted
+    classes' tables (exact when k <= k_class: the top k of a union lies in its parts' top k);
+    None when they do not hold enough."""
+    if wanted is None:
+        found = _stored(store, table_name(layer, spec), "k", k)
+        return None if found is None else (found["samples"][:k], found["scores"][:k])
+    if not np.all((wanted >= 0) & (wanted < store.classes)):
+        return None  # labels outside the model's classes: only the matrices know them
+    found = _stored(store, class_table_name(layer, spec), "k_class", k)
+    if found is None:
+        return None
+    concepts = found["samples"].shape[2]
+    samples = found["samples"][wanted].reshape(-1, concepts)
+    return top_k(samples, found["scores"][wanted].reshape(-1, concepts), k)
 
 
 def reference_samples(
@@ -55,26 +135,44 @@ def reference_samples(
     classes: Iterable[int] | None = None,
 ) -> ReferenceTable:
     """The ``k`` best samples of every concept of ``layer`` (among ``classes`` only, if
-    given); samples that could not be read never count."""
-    if mode not in MODES or target not in TARGETS:
-        raise ValueError(f"mode must be one of {MODES} and target one of {TARGETS}")
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    wanted = None if classes is None else np.array(sorted(set(classes)))
-    n, chunk = store.attrs["n_samples"], store.attrs["chunk"]
-    best_idx = best_val = None
-    for start in range(0, n, chunk):
-        rows = slice(start, min(start + chunk, n))
-        scores = concept_scores(store, layer, rows, mode, target, normalised)
-        keep = store.samples("valid")[rows]
-        if wanted is not None:
-            keep &= np.isin(store.samples("label")[rows], wanted)
-        scores[~keep] = -np.inf
-        index = np.broadcast_to(np.arange(rows.start, rows.stop)[:, None], scores.shape)
-        if best_val is not None:  # earlier rows first: the stable sort keeps ties in order
-            scores, index = np.concatenate([best_val, scores]), np.concatenate([best_idx, index])
-        order = np.argsort(-scores, axis=0, kind="stable")[:k]
-        best_val = np.take_along_axis(scores, order, 0)
-        best_idx = np.take_along_axis(index, order, 0)
-    found = np.isfinite(best_val).all(1)
-    return ReferenceTable(layer, mode, target, normalised, best_idx[found], best_val[found])
+    given); samples that could not be read never count. Rows where some concept has fewer
+    than that many samples are dropped."""
+    spec = Spec(mode, target, normalised)
+    _check_k(k)
+    store.layer(layer)  # an unknown layer fails here, naming the stored ones
+    wanted = None if classes is None else np.array(sorted(set(classes)), dtype=np.int64)
+    found = _stored_top(store, layer, spec, k, wanted)
+    if found is None:
+        found = _fold_chunks(store, layer, spec, lambda s, v: top_k(s, v, k), wanted)
+    samples, values = found
+    rows = np.isfinite(values).all(1)
+    return ReferenceTable(layer, mode, target, normalised, samples[rows], values[rows])
+
+
+def class_references(
+    store: Store,
+    layer: str,
+    *,
+    mode: str = "relevance",
+    target: str = "sum",
+    normalised: bool = True,
+    k: int = 8,
+) -> ClassReferenceTable:
+    """Per class (by label), the ``k`` best samples of every concept of ``layer``: samples and
+    scores shaped (class, k, concept). From the merged per-class tables when they hold k,
+    otherwise computed out of core from the score matrices (vectorised over classes)."""
+    spec = Spec(mode, target, normalised)
+    _check_k(k)
+    store.layer(layer)
+    found = _stored(store, class_table_name(layer, spec), "k_class", k)
+    if found is not None:
+        samples, values = found["samples"][:, :k], found["scores"][:, :k]
+    else:
+        n, labels = store.classes, store.samples("label")[:]
+
+        def reduce(s: np.ndarray, v: np.ndarray):
+            return class_candidates(s, v, class_of(labels, s), k, min(n * k, len(s)), n)
+
+        s, v = _fold_chunks(store, layer, spec, reduce)
+        samples, values = class_table(s, v, class_of(labels, s), k, n)
+    return ClassReferenceTable(layer, mode, target, normalised, samples, values)

@@ -4,20 +4,24 @@ into the dataset store (see ``zarr_store``). Resumable: finished chunks are skip
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import crp_toolkit
 from crp_toolkit.concepts.concepts import ChannelConcept
+from crp_toolkit.concepts.conditional import propagate_conditioned
 from crp_toolkit.data.loading import first_readable, gather
 from crp_toolkit.engine.explanation import explain as explain_batch
 from crp_toolkit.engine.lrp import LRP
+from crp_toolkit.store.tables import SOURCES, chunk_tables, merge_when_complete
 from crp_toolkit.store.zarr_store import (
     Layout,
     create_or_resume,
@@ -26,6 +30,8 @@ from crp_toolkit.store.zarr_store import (
     model_fingerprint,
     write_chunk,
 )
+
+log = logging.getLogger(__name__)
 
 
 def layer_statistics(relevance: Tensor, activation: Tensor, maps: bool) -> dict[str, np.ndarray]:
@@ -50,22 +56,87 @@ def layer_statistics(relevance: Tensor, activation: Tensor, maps: bool) -> dict[
     return stats
 
 
+def top_logits(logits: Tensor, k: int) -> dict[str, np.ndarray]:
+    """The ``k`` largest logits of each sample and their classes (ties: lower class first)."""
+    best = torch.sort(logits.float(), dim=1, descending=True, stable=True)
+    return {
+        "samples/top_logits": best.values[:, :k].cpu().numpy(),
+        "samples/top_classes": best.indices[:, :k].cpu().numpy(),
+    }
+
+
+def top_concept_heatmaps(
+    analyzer: LRP, x: Tensor, target: Tensor, concepts: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Input-space conditional heatmaps (B, n, *spatial) of the given concepts (B, n) of
+    each layer, explaining ``target``: what ``CondAttribution`` gives for the conditions
+    ``{"y": target[b], layer: [concepts[layer][b, j]]}``, with one forward pass for all
+    layers and the relevance above each layer computed once for its n concepts."""
+    graph = analyzer.graph
+    index = {name: graph.index(name) for name in concepts}
+    fp = analyzer.forward(x, reuse=True, keep=list(index.values()))
+    init = {graph.output_layer: analyzer.output_relevance(fp.output, target)[None]}
+    out = {}
+    for name, ids in concepts.items():
+        grid = ids.T[..., None].tolist()  # [slot j][sample b] -> [concept id]
+        masks = {index[name]: ChannelConcept().mask(grid, fp.value(index[name]))}
+        relevance, _ = propagate_conditioned(analyzer, fp, init, masks)
+        out[name] = relevance.sum(2).transpose(0, 1)  # (n, B, C, ...) -> (B, n, ...)
+    return out
+
+
 def analyze_batch(
-    analyzer: LRP, x: Tensor, labels: Tensor, layers: Sequence[str], explain: str, maps: bool
+    analyzer: LRP, x: Tensor, labels: Tensor, layout: Layout, explain: str
 ) -> dict[str, np.ndarray]:
-    """One batch (one forward, one backward): store arrays by path (samples/..., layers/...)."""
+    """One batch (one forward, one backward; with ``top_heatmaps`` one more forward and the
+    conditional passes): store arrays by path (samples/..., layers/...)."""
+    layers = list(layout.layers)
     target = labels.to(x.device) if explain == "label" else None  # None: the prediction
-    expl = explain_batch(analyzer, x, target, layer_relevances=list(layers))
+    expl = explain_batch(analyzer, x, target, layer_relevances=layers)
+    if layout.top_logits:
+        logits = top_logits(expl.output, layout.logits_k)
+    else:
+        logits = {"samples/logits": expl.output.float().cpu().numpy()}
     out = {
         "samples/label": labels.numpy(),
         "samples/prediction": expl.output.argmax(1).cpu().numpy(),
-        "samples/logits": expl.output.float().cpu().numpy(),
+        **logits,
         "samples/valid": np.ones(len(x), dtype=bool),
     }
+    top: dict[str, Tensor] = {}
     for name in layers:
         relevance, activation = expl.layer_relevances[name], expl.layer_activations[name]
-        for stat, values in layer_statistics(relevance, activation, maps).items():
+        for stat, values in layer_statistics(relevance, activation, layout.maps).items():
             out[f"layers/{name}/{stat}"] = values
+        if layout.top_heatmaps:
+            scores = ChannelConcept().relevance(relevance, activation)
+            ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices
+            top[name] = ranked[:, : layout.top_concepts(name)]
+    if top:
+        heatmaps = top_concept_heatmaps(analyzer, x, expl.target, top)
+        for name, ids in top.items():
+            out[f"layers/{name}/top_concepts"] = ids.int().cpu().numpy()
+            out[f"layers/{name}/top_heatmaps"] = heatmaps[name].half().cpu().numpy()
+    return out
+
+
+def layer_tables(layout: Layout, chunk: int, arrays: Mapping[str, np.ndarray]):
+    """The per-chunk reference tables of every layer from the chunk's rows of ``arrays``."""
+    out = {}
+    for name, shape in layout.layers.items():
+        stats = {stat: arrays[f"layers/{name}/{stat}"] for stat in SOURCES.values()}
+        found = chunk_tables(
+            stats,
+            int(np.prod(shape[1:], dtype=np.int64)),
+            arrays["samples/label"],
+            arrays["samples/valid"],
+            layout.rows(chunk).start,
+            k=layout.k,
+            k_class=layout.k_class,
+            entries=layout.class_entries,
+            n_classes=layout.classes,
+        )
+        out.update({f"layers/{name}/tables/{key}": values for key, values in found.items()})
     return out
 
 
@@ -85,22 +156,49 @@ def analyze_dataset(
     shard: int = 0,
     shards: int = 1,
     maps: bool = False,
+    k: int = 32,
+    k_class: int = 8,
+    logits_k: int = 0,
+    top_heatmaps: int = 0,
 ) -> Path:
     """Run the analysis pass into the store at ``path`` (created, or resumed). With
     ``shards > 1`` this process does the chunks ``c`` with ``c % shards == shard``; shards may
-    run at the same time (each writes only its own chunks)."""
+    run at the same time (each writes only its own chunks).
+
+    ``k`` / ``k_class``: sizes of the streaming reference tables (per concept, and per class
+    and concept; 0 disables), merged by whichever process finds the store complete.
+    ``logits_k``: with more classes than this, keep only each sample's top ``logits_k``
+    logits (0 keeps all). ``top_heatmaps``: store the input-space conditional heatmaps of each
+    sample's ``top_heatmaps`` most relevant concepts per layer (float16; 0: none)."""
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} out of range for {shards} shards")
     if explain not in ("label", "prediction"):
         raise ValueError(f"explain must be 'label' or 'prediction', got {explain!r}")
     if not layers:
         raise ValueError("give at least one layer to analyse (concepts.layers)")
+    counts = {"k": k, "k_class": k_class, "logits_k": logits_k, "top_heatmaps": top_heatmaps}
+    negative = {key: value for key, value in counts.items() if value < 0}
+    if negative:
+        raise ValueError(f"{negative} must be at least 0 (0 disables the option)")
     probe_x = first_readable(dataset)
+    if top_heatmaps and probe_x.dim() < 2:
+        raise ValueError(
+            f"top_heatmaps needs inputs shaped (channels, *spatial), got samples of shape "
+            f"{tuple(probe_x.shape)}; set top_heatmaps=0 for this dataset"
+        )
     probe = analyzer.forward(
         torch.as_tensor(probe_x)[None].to(device), keep=[analyzer.graph.index(n) for n in layers]
     )
     shapes = {n: tuple(probe.value(analyzer.graph.index(n)).shape[1:]) for n in layers}
-    layout = Layout(len(dataset), chunk, probe.output.shape[1], shapes, maps)
+    layout = Layout(
+        len(dataset),
+        chunk,
+        probe.output.shape[1],
+        shapes,
+        maps,
+        **counts,
+        input_shape=tuple(probe_x.shape[1:]),
+    )
     provenance = {
         "model": model_fingerprint(analyzer.model),
         "dataset": dataset_fingerprint(dataset, dataset_description),
@@ -121,8 +219,23 @@ def analyze_dataset(
         if batch.indices:
             at = np.array(batch.indices) - rows.start
             images = batch.images.to(device)
-            found = analyze_batch(analyzer, images, batch.labels, layers, explain, maps)
+            found = analyze_batch(analyzer, images, batch.labels, layout, explain)
             for key, values in found.items():
                 arrays[key][at] = values
+        if layout.k or layout.k_class:
+            arrays.update(layer_tables(layout, c, arrays))
         write_chunk(group, layout, c, arrays)
+    if (layout.k or layout.k_class) and not merge_when_complete(path):
+        _report_unmerged(Path(path))
     return Path(path)
+
+
+def _report_unmerged(path: Path) -> None:
+    group = zarr.open_group(path, mode="r")
+    if group["progress/done"][:].all() and not group.attrs.get("tables_merged"):
+        log.warning(
+            "the reference tables of %s are not merged: another process holds %s.merging; "
+            "if none does, delete that file and run crp_toolkit.store.tables.merge_tables",
+            path,
+            path.name,
+        )

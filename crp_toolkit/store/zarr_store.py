@@ -1,12 +1,17 @@
 """The dataset store: per-sample concept relevance and activation statistics in Zarr 3.
 
-Schema (version 1); every array has ``dimension_names`` so xarray can open it::
+Schema (version 2); every array has ``dimension_names`` so xarray can open it::
 
     <store>/                      attrs: schema_version, provenance{model, dataset, composite,
-                                         package_version, config}, n_samples, chunk, layers
+                                         package_version, config}, n_samples, chunk, classes,
+                                         layers, maps, k, k_class, specs, logits_k,
+                                         top_heatmaps, tables_merged (once merged)
       samples/label      (sample,)            int64
       samples/prediction (sample,)            int64
-      samples/logits     (sample, class)      float32
+      samples/logits     (sample, class)      float32 all logits, or with ``logits_k`` below
+                                                      the class count instead:
+      samples/top_logits  (sample, rank)      float32 the ``logits_k`` largest logits
+      samples/top_classes (sample, rank)      int64   their classes (ties: lower class first)
       samples/valid      (sample,)            bool    False where the sample could not be read
       layers/<name>/relevance   (sample, concept) float32  summed over space, explaining the
                                                            label (or prediction), unnormalised
@@ -17,11 +22,25 @@ Schema (version 1); every array has ``dimension_names`` so xarray can open it::
       layers/<name>/act_argmax  (sample, concept) int32    flat position of the max
       layers/<name>/maps        (sample, concept, y, x) float16  optional: relevance maps at
                                                            the layer's own resolution
+      layers/<name>/top_concepts (sample, rank) int32   optional: the sample's most relevant
+                                                        concepts (``top_heatmaps`` of them)
+      layers/<name>/top_heatmaps (sample, rank, y, x) float16  their input-space conditional
+                                                        heatmaps (same target as the pass)
+      layers/<name>/tables/top_samples   (chunk_index, spec, rank, concept) int32  per chunk,
+      layers/<name>/tables/top_scores    (chunk_index, spec, rank, concept) float64 the ``k``
+                                         best samples of each concept (-1 / -inf padding)
+      layers/<name>/tables/class_samples (chunk_index, spec, entry, concept) int32  per chunk,
+      layers/<name>/tables/class_scores  (chunk_index, spec, entry, concept) float64 each
+                                         class's ``k_class`` best samples of each concept,
+                                         sorted by (label, -score), -1 / -inf padding
       progress/done      (chunk,)             bool    set after a chunk's rows are all written
+      derived/tables/<layer>/<spec>        the merged tables (see ``tables.merge_tables``)
+      derived/class_tables/<layer>/<spec>
 
+``spec`` runs over ``tables.SPECS`` (mode x target x normalised, names in attrs ``specs``).
 A *chunk* of ``chunk`` rows is the unit of work: one writer writes it whole (one write per
-array, chunks aligned to it), then marks it done; a run killed at any moment and started again
-redoes only unfinished chunks.
+array, chunks aligned to it; the per-chunk tables too), then marks it done; a run killed at
+any moment and started again redoes only unfinished chunks.
 """
 
 from __future__ import annotations
@@ -39,7 +58,9 @@ import torch
 import zarr
 from torch import nn
 
-SCHEMA_VERSION = 1
+from crp_toolkit.store.tables import SPECS
+
+SCHEMA_VERSION = 2
 # what makes two runs compute the same numbers: a store is only continued by a run that agrees
 IDENTITY = ("model", "dataset", "composite", "explain", "output_relevance")
 
@@ -52,27 +73,55 @@ class StoreMismatchError(ValueError):
 class Layout:
     """Shape of a store: samples, rows per chunk, classes, and per layer the shape of one
     sample's activation (channels, *spatial); ``maps`` adds relevance maps at each layer's
-    resolution (float16)."""
+    resolution (float16); ``k`` / ``k_class`` size the per-chunk reference tables (0: none);
+    ``logits_k`` keeps only the top logits when there are more classes; ``top_heatmaps``
+    stores the input-space heatmaps (of spatial shape ``input_shape``) of each sample's best
+    concepts."""
 
     n_samples: int
     chunk: int
     classes: int
     layers: Mapping[str, tuple[int, ...]]
     maps: bool = False
+    k: int = 0
+    k_class: int = 0
+    logits_k: int = 0
+    top_heatmaps: int = 0
+    input_shape: tuple[int, ...] = ()
 
     @property
     def n_chunks(self) -> int:
         return -(-self.n_samples // self.chunk)
+
+    @property
+    def class_entries(self) -> int:
+        """Rows of a chunk's per-class table: each class keeps at most ``k_class`` of the
+        chunk's samples, so at most ``min(chunk, classes * k_class)`` in all."""
+        return min(self.chunk, self.classes * self.k_class)
+
+    @property
+    def top_logits(self) -> bool:
+        return 0 < self.logits_k < self.classes
+
+    def top_concepts(self, layer: str) -> int:
+        """How many concepts of ``layer`` get input-space heatmaps per sample."""
+        return min(self.top_heatmaps, self.layers[layer][0])
 
     def rows(self, chunk: int) -> range:
         return range(chunk * self.chunk, min((chunk + 1) * self.chunk, self.n_samples))
 
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[str, ...]]]:
         """Every per-sample array: path -> (one sample's entry shape, dtype, dimension names)."""
+        if self.top_logits:
+            ranked = ((self.logits_k,), ("sample", "rank"))
+            logits = {"samples/top_logits": "float32", "samples/top_classes": "int64"}
+            logits = {path: (ranked[0], dtype, ranked[1]) for path, dtype in logits.items()}
+        else:
+            logits = {"samples/logits": ((self.classes,), "float32", ("sample", "class"))}
         out = {
             "samples/label": ((), "int64", ("sample",)),
             "samples/prediction": ((), "int64", ("sample",)),
-            "samples/logits": ((self.classes,), "float32", ("sample", "class")),
+            **logits,
             "samples/valid": ((), "bool", ("sample",)),
         }
         for name, shape in self.layers.items():
@@ -86,7 +135,48 @@ class Layout:
             if self.maps and len(shape) > 1:
                 dims = ("sample", "concept", *("y", "x", "z")[: len(shape) - 1])
                 out[f"layers/{name}/maps"] = (tuple(shape), "float16", dims)
+            if self.top_heatmaps:
+                n = self.top_concepts(name)
+                space = ("y", "x", "z")[: len(self.input_shape)]
+                out[f"layers/{name}/top_concepts"] = ((n,), "int32", ("sample", "rank"))
+                out[f"layers/{name}/top_heatmaps"] = (
+                    (n, *self.input_shape),
+                    "float16",
+                    ("sample", "rank", *space),
+                )
         return out
+
+    def chunk_arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[str, ...], float]]:
+        """Every per-chunk array (the reference tables): path -> (one chunk's entry shape,
+        dtype, dimension names, padding value)."""
+        out = {}
+        specs = len(SPECS)
+        for name, shape in self.layers.items():
+            for kind, rows, dim in (
+                ("top", self.k, "rank"),
+                ("class", self.class_entries, "entry"),
+            ):
+                if rows:
+                    dims = ("chunk_index", "spec", dim, "concept")
+                    entry = (specs, rows, shape[0])
+                    out[f"layers/{name}/tables/{kind}_samples"] = (entry, "int32", dims, -1)
+                    out[f"layers/{name}/tables/{kind}_scores"] = (entry, "float64", dims, -np.inf)
+        return out
+
+    def shape_attrs(self) -> dict:
+        """What a resumed run must agree on (stored in the root attributes)."""
+        return {
+            "n_samples": self.n_samples,
+            "chunk": self.chunk,
+            "classes": self.classes,
+            "layers": {k: list(v) for k, v in self.layers.items()},
+            "maps": self.maps,
+            "k": self.k,
+            "k_class": self.k_class,
+            "specs": [spec.name for spec in SPECS] if self.k or self.k_class else [],
+            "logits_k": self.logits_k if self.top_logits else 0,
+            "top_heatmaps": self.top_heatmaps,
+        }
 
     def empty(self, rows: int) -> dict[str, np.ndarray]:
         """Zeroed arrays for ``rows`` samples (rows that cannot be read stay zero)."""
@@ -116,9 +206,9 @@ def dataset_fingerprint(dataset, description: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _array(group: zarr.Group, path: str, shape, chunks, dtype, dims) -> None:
+def _array(group: zarr.Group, path: str, shape, chunks, dtype, dims, fill=0) -> None:
     group.create_array(
-        path, shape=shape, chunks=chunks, dtype=dtype, dimension_names=dims, fill_value=0
+        path, shape=shape, chunks=chunks, dtype=dtype, dimension_names=dims, fill_value=fill
     )
 
 
@@ -128,12 +218,7 @@ def create_or_resume(path: str | Path, layout: Layout, provenance: Mapping) -> z
     left untouched."""
     path = Path(path)
     identity = {k: provenance.get(k) for k in IDENTITY}
-    shape = {
-        "n_samples": layout.n_samples,
-        "chunk": layout.chunk,
-        "layers": {k: list(v) for k, v in layout.layers.items()},
-        "maps": layout.maps,
-    }
+    shape = layout.shape_attrs()
     if (path / "zarr.json").exists():
         group = zarr.open_group(path, mode="r+")
         found = dict(group.attrs)
@@ -151,6 +236,9 @@ def create_or_resume(path: str | Path, layout: Layout, provenance: Mapping) -> z
     n, c = layout.n_samples, layout.chunk
     for array, (per_sample, dtype, dims) in layout.arrays().items():
         _array(group, array, (n, *per_sample), (c, *per_sample), dtype, list(dims))
+    for array, (per_chunk, dtype, dims, fill) in layout.chunk_arrays().items():
+        whole, chunks = (layout.n_chunks, *per_chunk), (1, *per_chunk)
+        _array(group, array, whole, chunks, dtype, list(dims), fill)
     # one zarr chunk per work unit, so writers of different units never share a file
     _array(group, "progress/done", (layout.n_chunks,), (1,), "bool", ["chunk"])
     group.attrs.update({"schema_version": SCHEMA_VERSION, "provenance": dict(provenance), **shape})
@@ -171,10 +259,12 @@ def done_chunks(group: zarr.Group) -> set[int]:
 def write_chunk(
     group: zarr.Group, layout: Layout, chunk: int, arrays: Mapping[str, np.ndarray]
 ) -> None:
-    """Write one chunk's rows of every array (whole chunks, one write each), then mark it done."""
+    """Write one chunk's rows of every per-sample array and its entry of every per-chunk array
+    (whole zarr chunks, one write each), then mark it done."""
     rows = slice(layout.rows(chunk).start, layout.rows(chunk).stop)
+    per_chunk = layout.chunk_arrays()
     for path, values in arrays.items():
-        group[path][rows] = values
+        group[path][chunk if path in per_chunk else rows] = values
     group["progress/done"][chunk] = True
 
 
@@ -191,6 +281,11 @@ class Store:
     @property
     def layers(self) -> list[str]:
         return list(self.attrs["layers"])
+
+    @property
+    def classes(self) -> int:
+        """How many classes the model has (whether or not all logits are kept)."""
+        return int(self.attrs["classes"])
 
     @property
     def complete(self) -> bool:

@@ -1,0 +1,290 @@
+"""The ``atlas`` stage: figures (``figures/``) and the static HTML atlas (``atlas/index.html``)
+from a mined store. Mining results are read back from the store (``derived/``); what the mine
+stage did not keep (it was not run, or for other concepts) is computed here and kept too."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+import crp_toolkit as ct
+from crp_toolkit.app.mine import dataset_relevance, most_relevant
+from crp_toolkit.app.stages import Loaded, class_names, load, open_store
+from crp_toolkit.atlas.figures import (
+    FigureStyle,
+    concept_atlas_figure,
+    concept_panels,
+    glocal_figure,
+    save_figure,
+)
+from crp_toolkit.atlas.sheets import (
+    AblationCurve,
+    ConceptSheet,
+    PrototypeView,
+    ablation_figure,
+    class_importance_figure,
+    concept_sheet_figure,
+    layer_map_figure,
+    prototype_figure,
+)
+from crp_toolkit.atlas.site import (
+    ClassEntry,
+    ConceptEntry,
+    PrototypeEntry,
+    SiteContent,
+    write_site,
+)
+from crp_toolkit.data.loading import gather
+from crp_toolkit.mining.ablation import read_ablation
+from crp_toolkit.mining.localise import LocalisedReferences, localise_references
+from crp_toolkit.mining.prototypes import Prototypes, fit_prototypes
+from crp_toolkit.mining.references import reference_samples
+from crp_toolkit.mining.similarity import ConceptSimilarity, concept_similarity
+from crp_toolkit.mining.statistics import (
+    ClassStatistics,
+    class_statistics,
+    load_result,
+    top_classes,
+    top_concepts,
+)
+from crp_toolkit.store.zarr_store import Store
+
+log = logging.getLogger("crp_toolkit")
+FIGURE_KEYS = ("width", "dpi", "font_size", "cmap", "palette", "formats")
+
+
+@dataclass(frozen=True)
+class MinedLayer:
+    """A layer's mining results, as the atlas needs them."""
+
+    layer: str
+    stats: ClassStatistics
+    similarity: ConceptSimilarity
+    prototypes: Prototypes
+    concepts: list[int]  # the concepts with references, most relevant first
+    relmax: LocalisedReferences
+    actmax: LocalisedReferences
+
+    def column(self, concept: int) -> int:
+        return self.concepts.index(concept)
+
+
+def atlas(cfg: DictConfig, out: Path) -> None:
+    """Figures of the chosen inputs, of every layer and of its most relevant concepts, and the
+    HTML atlas linking them."""
+    loaded, store = load(cfg), open_store(cfg, out)
+    style = figure_style(cfg)
+    folder = out / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = class_names(loaded.dataset, store.classes)
+    content = SiteContent(title="crp_toolkit concept atlas", concepts=[])
+    for layer in store.layers:
+        mined = read_mined(cfg.mining, loaded, store, layer)
+        part = layer_pages(mined, store, loaded, names, folder, style)
+        content = SiteContent(
+            content.title,
+            [*content.concepts, *part.concepts],
+            _merge_classes(content.classes, part.classes),
+            [*content.prototypes, *part.prototypes],
+        )
+    input_figures(cfg, loaded, store, folder, style)
+    log.info("figures in %s", folder)
+    if cfg.atlas.html:
+        index = write_site(content, out / "atlas")
+        log.info("HTML atlas: %s", index)
+
+
+def figure_style(cfg: DictConfig) -> FigureStyle:
+    return FigureStyle(**{k: cfg.atlas[k] for k in FIGURE_KEYS})
+
+
+def read_mined(m: DictConfig, loaded: Loaded, store: Store, layer: str) -> MinedLayer:
+    """A layer's mining results from the store, computed (and kept) where missing."""
+    scoring = {"target": m.target, "normalised": m.normalised}
+    stats = load_result(store, ClassStatistics, f"statistics/{layer}") or class_statistics(
+        store, layer, k=m.k, **scoring
+    )
+    similarity = load_result(store, ConceptSimilarity, f"similarity/{layer}/relevance")
+    if similarity is None:
+        n = min(m.clusters, store.layer(layer).shape[1])
+        similarity = concept_similarity(store, layer, n_clusters=n, **scoring)
+    prototypes = load_result(store, Prototypes, f"prototypes/{layer}") or fit_prototypes(
+        store, layer, n_prototypes=m.prototypes, normalised=m.normalised, seed=m.seed
+    )
+    concepts = most_relevant(stats, m.concepts)
+    refs = {
+        mode: localise_references(
+            loaded.analyzer,
+            loaded.dataset,
+            store,
+            reference_samples(store, layer, mode=mode, k=m.k, **scoring),
+            dataset_description=loaded.description,
+            concepts=concepts,
+        )
+        for mode in ("relevance", "activation")
+    }
+    return MinedLayer(layer, stats, similarity, prototypes, concepts, *refs.values())
+
+
+def layer_pages(
+    mined: MinedLayer,
+    store: Store,
+    loaded: Loaded,
+    names: list[str],
+    folder: Path,
+    style: FigureStyle,
+) -> SiteContent:
+    """A layer's figures (map, class importance, prototypes, ablation, concept sheets) and its
+    part of the site."""
+    layer, stats, sim = mined.layer, mined.stats, mined.similarity
+    stem = f"{folder / layer}"
+    thumbs = list(mined.relmax.crops[0])
+    chosen = mined.concepts
+    fig = layer_map_figure(
+        sim.embedding[chosen], thumbs, sim.cluster[chosen], title=layer, style=style
+    )
+    layer_map = save_figure(fig, f"{stem}_map", style)[0]
+    shown = chosen[:12]
+    fig = class_importance_figure(
+        stats.relevance[:, shown], names, [str(c) for c in shown], title=layer, style=style
+    )
+    importance = save_figure(fig, f"{stem}_classes", style)[0]
+    curves = read_ablation(store, layer)
+    if curves is not None:
+        lines = [
+            AblationCurve(o, curves.removed, curves.mean[i]) for i, o in enumerate(curves.orderings)
+        ]
+        fig = ablation_figure(lines, ylabel="explained logit (relative)", title=layer, style=style)
+        save_figure(fig, f"{stem}_ablation", style)
+    relevance = dataset_relevance(stats)
+    concepts = [
+        concept_entry(mined, c, float(relevance[c]), loaded, names, folder, style) for c in chosen
+    ]
+    classes = [
+        ClassEntry(
+            names[y],
+            [
+                (layer, int(c), float(stats.relevance[y, c]))
+                for c in top_concepts(stats, y, 8)
+                if int(c) in chosen
+            ],
+            [importance, layer_map],
+        )
+        for y in range(len(names))
+    ]
+    prototypes = prototype_pages(mined, loaded, names, folder, style)
+    return SiteContent("", concepts, classes, prototypes)
+
+
+def concept_entry(
+    mined: MinedLayer,
+    concept: int,
+    relevance: float,
+    loaded: Loaded,
+    names: list[str],
+    folder: Path,
+    style: FigureStyle,
+) -> ConceptEntry:
+    """A concept's sheet (RelMax and ActMax crops, the classes using it, the attribution graph
+    on its best reference) and its atlas entry."""
+    j, layer = mined.column(concept), mined.layer
+    used = [
+        (names[y], float(mined.stats.usage[concept, y]))
+        for y in top_classes(mined.stats, concept, 3)
+    ]
+    best = int(mined.relmax.samples[0, j])
+    x = gather(loaded.dataset, [best]).images
+    graph = ct.attribution_graph(
+        loaded.analyzer, x, layer, concept, target=int(mined.relmax.classes[0, j])
+    )
+    relmax, actmax = list(mined.relmax.crops[:, j]), list(mined.actmax.crops[:, j])
+    sheet = ConceptSheet(f"{layer}:{concept}", relmax, actmax, used, graph)
+    path = save_figure(
+        concept_sheet_figure(sheet, style=style), f"{folder / layer}_{concept}", style
+    )
+    return ConceptEntry(
+        layer, concept, relevance, relmax[0], used, [path[0]], list(mined.relmax.dimmed[:, j])
+    )
+
+
+def prototype_pages(
+    mined: MinedLayer, loaded: Loaded, names: list[str], folder: Path, style: FigureStyle
+) -> list[PrototypeEntry]:
+    """Per class, a figure of its prototypes (nearest samples, mean concept profile), and an
+    atlas entry per prototype."""
+    protos, layer, entries = mined.prototypes, mined.layer, []
+    for y, name in enumerate(names):
+        found = [int(p) for p in np.flatnonzero(protos.weights[y] > 0)]
+        if not found:
+            continue
+        images = {
+            p: list(gather(loaded.dataset, [int(i) for i in protos.nearest[y, p] if i >= 0]).images)
+            for p in found
+        }
+        views = [
+            PrototypeView(
+                f"{name} #{p} ({protos.weights[y, p]:.0%})", images[p], protos.means[y, p]
+            )
+            for p in found
+        ]
+        path = save_figure(
+            prototype_figure(views, style=style), f"{folder / layer}_proto_{y}", style
+        )
+        for p in found:
+            profile = protos.means[y, p]
+            top = [int(c) for c in np.argsort(-profile)[:5] if int(c) in mined.concepts]
+            concepts = [(layer, c, float(profile[c])) for c in top]
+            entries.append(
+                PrototypeEntry(f"{layer} {name} #{p}", images[p], name, concepts, [path[0]])
+            )
+    return entries
+
+
+def input_figures(
+    cfg: DictConfig, loaded: Loaded, store: Store, folder: Path, style: FigureStyle
+) -> None:
+    """For each of ``atlas.inputs``: its glocal explanation and its concept atlas at the first
+    layer, with localised references of its top concepts."""
+    batch = gather(loaded.dataset, list(cfg.atlas.inputs))
+    if not batch.indices:
+        return
+    layer, analyzer = store.layers[0], loaded.analyzer
+    x = batch.images.to(cfg.device)
+    expl = ct.analyze(x, analyzer)
+    concepts = ct.CRP(analyzer, layer, ct.TopNFeatures(cfg.atlas.concepts))(x, expl.target)
+    table = reference_samples(
+        store,
+        layer,
+        k=min(cfg.mining.k, 6),
+        target=cfg.mining.target,
+        normalised=cfg.mining.normalised,
+    )
+    ids = sorted({int(c) for c in concepts.features.flatten()})
+    refs = localise_references(
+        analyzer, loaded.dataset, store, table, dataset_description=loaded.description, concepts=ids
+    )
+    crops = {c: list(refs.crops[:, j]) for j, c in enumerate(ids)}
+    for i, index in enumerate(batch.indices):
+        panels = concept_panels(concepts, i, layer, crops)
+        fig = glocal_figure(x[i], expl.relevance[i], panels, title=f"sample {index}", style=style)
+        save_figure(fig, folder / f"glocal_{index}", style)
+        names = [p.name for p in panels]
+        fig = concept_atlas_figure(
+            x[i], concepts.relevance[i], names, [p.references for p in panels], style=style
+        )
+        save_figure(fig, folder / f"concept_atlas_{index}", style)
+
+
+def _merge_classes(old, new) -> list[ClassEntry]:
+    """Class entries of several layers joined by class name."""
+    merged = {c.name: c for c in old}
+    for c in new:
+        if c.name in merged:
+            m = merged[c.name]
+            c = ClassEntry(c.name, [*m.concepts, *c.concepts], [*m.figures, *c.figures])
+        merged[c.name] = c
+    return list(merged.values())

@@ -1,0 +1,88 @@
+"""The ``evaluate`` stage: scored discovery on data with ground-truth concepts (the built-in
+concept world): a table (``evaluate/scores.md``, ``scores.json``) and a figure per layer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from crp_toolkit.app.stages import class_names, load, open_store
+from crp_toolkit.atlas.figures import FigureStyle, save_figure
+from crp_toolkit.atlas.sheets import grouped_bars_figure
+from crp_toolkit.mining.discovery import DiscoveryScores, score_discovery
+from crp_toolkit.mining.statistics import ClassStatistics, class_statistics, load_result
+
+log = logging.getLogger("crp_toolkit")
+
+
+def evaluate(cfg: DictConfig, out: Path) -> None:
+    """Score each layer's discoveries against the ground truth; write table and figures."""
+    loaded, store = load(cfg), open_store(cfg, out)
+    folder = out / "evaluate"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = class_names(loaded.dataset, store.classes)
+    style = FigureStyle(**{k: cfg.atlas[k] for k in FIGURE_KEYS})
+    report, tables = {}, []
+    for layer in store.layers:
+        stats = load_result(store, ClassStatistics, f"statistics/{layer}") or class_statistics(
+            store, layer, k=cfg.mining.k, target=cfg.mining.target, normalised=cfg.mining.normalised
+        )
+        scores = score_discovery(
+            loaded.analyzer,
+            loaded.dataset,
+            store,
+            stats,
+            dataset_description=loaded.description,
+            top=cfg.evaluate.top,
+            k=cfg.evaluate.k,
+            watermark_top=cfg.evaluate.watermark_top,
+        )
+        tables.append(f"## {layer}\n\n{scores.markdown(names)}\n")
+        report[layer] = summary(scores) | {"scores": scores.rows()}
+        save_figure(discovery_figure(scores, names, style), folder / f"discovery_{layer}", style)
+    (folder / "scores.md").write_text("\n".join(tables))
+    (folder / "scores.json").write_text(json.dumps(report, indent=2))
+    for layer, found in report.items():
+        log.info("%s: %s", layer, {k: v for k, v in found.items() if k != "scores"})
+
+
+FIGURE_KEYS = ("width", "dpi", "font_size", "cmap", "palette", "formats")
+
+
+def summary(scores: DiscoveryScores) -> dict:
+    """Mean scores per reference kind, and the watermark finding."""
+    kinds = sorted({s.references for s in scores.scores})
+    return {
+        "mass_accuracy": {k: round(scores.mean(k, "mass_accuracy"), 4) for k in kinds},
+        "purity": {k: round(scores.mean(k, "purity"), 4) for k in kinds},
+        "watermark_found": scores.watermark_found,
+        "watermark_rank": scores.watermark_rank,
+        "watermark_share": scores.watermark_share,
+    }
+
+
+def discovery_figure(scores: DiscoveryScores, names: list[str], style: FigureStyle):
+    """Per class, the mean mass accuracy and purity of its top concepts, RelMax vs ActMax."""
+    classes = sorted({s.cls for s in scores.headline()})
+    panels = {}
+    for field in ("mass_accuracy", "purity"):
+        panels[field.replace("_", " ")] = {
+            kind: np.array(
+                [
+                    np.mean(
+                        [
+                            getattr(s, field)
+                            for s in scores.headline()
+                            if (s.cls, s.references) == (y, kind)
+                        ]
+                    )
+                    for y in classes
+                ]
+            )
+            for kind in ("relevance", "activation")
+        }
+    return grouped_bars_figure([names[y] for y in classes], panels, style=style)

@@ -1,0 +1,307 @@
+"""Streaming reference tables: the best samples of every concept, per chunk and merged.
+
+A top-k table is an exact, associative reduction: the top k of a union is the top k of the
+concatenated top k's of its parts. So each chunk of the dataset pass keeps, for every layer and
+every score ``Spec``, its ``k`` best samples per concept and, per class, its ``k_class`` best
+samples per (class, concept); ``merge_tables`` reduces them over all chunks (in blocks, so
+memory stays bounded) into the final tables kept as derived results. Ties go to the lower
+sample index everywhere, as a stable sort over the whole score matrix would give; unreadable
+samples and missing entries are padding (sample -1, score -inf) and never count.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from crp_toolkit.store.results import write_result
+
+MODES = ("relevance", "activation")
+TARGETS = ("sum", "max")
+# the per-sample statistic a score is made of
+SOURCES = {
+    ("relevance", "sum"): "relevance",
+    ("relevance", "max"): "rel_max",
+    ("activation", "sum"): "act_mean",
+    ("activation", "max"): "act_max",
+}
+MERGE_BUDGET = 2**28  # bytes of chunk tables read at once while merging
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How samples are scored: by relevance or activation, summed or maximal over space,
+    optionally divided per sample by the sum of absolute scores (zennit-crp's abs_norm)."""
+
+    mode: str
+    target: str
+    normalised: bool
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES or self.target not in TARGETS:
+            raise ValueError(
+                f"mode must be one of {MODES} and target one of {TARGETS}, "
+                f"got {self.mode!r}, {self.target!r}"
+            )
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode}-{self.target}-{'normalised' if self.normalised else 'raw'}"
+
+    @property
+    def stat(self) -> str:
+        """The store statistic (``layers/<name>/<stat>``) the score is computed from."""
+        return SOURCES[self.mode, self.target]
+
+
+SPECS = tuple(Spec(m, t, n) for m in MODES for t in TARGETS for n in (True, False))
+
+
+def scores(values: np.ndarray, spec: Spec, positions: int) -> np.ndarray:
+    """The (rows x concepts) float64 scores of ``spec`` from its statistic's ``values``
+    (``positions``: the layer's spatial size, turning the activation mean into its sum)."""
+    if spec.stat == "act_mean":
+        values = values * positions
+    out = values.astype(np.float64)
+    if spec.normalised:
+        out = out / np.maximum(np.abs(out).sum(1, keepdims=True), 1e-30)
+    return out
+
+
+def _padding(samples: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Entries that never count: no sample, or a score that is -inf or NaN."""
+    return (samples < 0) | ~(values > -np.inf)
+
+
+def _pad_rows(samples: np.ndarray, values: np.ndarray, rows: int):
+    missing = rows - len(samples)
+    if missing <= 0:
+        return samples[:rows], values[:rows]
+    shape = (missing, *samples.shape[1:])
+    return (
+        np.concatenate([samples, np.full(shape, -1, samples.dtype)]),
+        np.concatenate([values, np.full(shape, -np.inf)]),
+    )
+
+
+def _tie_keys(samples: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The sort keys that break ties: none when ``samples`` is one id per row in ascending
+    order (a chunk's rows; the sorts are stable), else the sample ids themselves."""
+    return () if samples.ndim == 1 else (samples,)
+
+
+def top_k(samples: np.ndarray, values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best entries of every column of ``values`` (rows x concepts), best first,
+    ties to the lower sample: (samples, scores), each (k, concepts), padded with -1 / -inf.
+    ``samples`` is (rows,), ascending apart from padding, or (rows, concepts)."""
+    keys = _tie_keys(samples)
+    samples = np.broadcast_to(samples.reshape(len(values), -1), values.shape)
+    values = np.where(_padding(samples, values), -np.inf, values)
+    order = np.lexsort((*keys, -values), axis=0)[:k]
+    best = np.take_along_axis(values, order, 0)
+    found = np.take_along_axis(samples, order, 0).astype(np.int64)
+    found[~(best > -np.inf)] = -1
+    return _pad_rows(found, best, k)
+
+
+def _class_ranked(samples, values, classes, n_classes: int):
+    """Entries of every column sorted by (class, -score, sample), each one's rank within its
+    class, and whether it counts (a real sample with a class in 0..n_classes-1)."""
+    keys = _tie_keys(samples)
+    samples = np.broadcast_to(samples.reshape(len(values), -1), values.shape)
+    classes = np.broadcast_to(classes.reshape(len(values), -1), values.shape)
+    counts = ~_padding(samples, values) & (classes >= 0) & (classes < n_classes)
+    key = np.where(counts, classes, n_classes)  # what does not count sorts last
+    order = np.lexsort((*keys, -np.where(counts, values, -np.inf), key), axis=0)
+    key = np.take_along_axis(key, order, 0)
+    position = np.arange(len(values))[:, None]
+    first = np.ones(key.shape, dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    rank = position - np.maximum.accumulate(np.where(first, position, 0), axis=0)
+    return (
+        np.take_along_axis(samples, order, 0).astype(np.int64),
+        np.take_along_axis(values, order, 0),
+        key,
+        rank,
+        key < n_classes,
+    )
+
+
+def class_candidates(samples, values, classes, k_class: int, rows: int, n_classes: int):
+    """Per column, each class's ``k_class`` best entries, sorted by (class, -score), as the
+    first of ``rows`` rows (-1 / -inf after them): the compact per-class table of a part of
+    the data. ``classes`` gives each entry's class (like ``samples``)."""
+    found, best, _, rank, counts = _class_ranked(samples, values, classes, n_classes)
+    keep = counts & (rank < k_class)
+    first = np.argsort(~keep, axis=0, kind="stable")[:rows]
+    keep = np.take_along_axis(keep, first, 0)
+    found = np.where(keep, np.take_along_axis(found, first, 0), -1)
+    best = np.where(keep, np.take_along_axis(best, first, 0), -np.inf)
+    return _pad_rows(found, best, rows)
+
+
+def class_table(samples, values, classes, k_class: int, n_classes: int):
+    """The dense per-class table: (samples, scores), each (n_classes, k_class, concepts),
+    best first within each class, -1 / -inf where a class has fewer samples."""
+    found, best, key, rank, counts = _class_ranked(samples, values, classes, n_classes)
+    keep = counts & (rank < k_class)
+    column = np.broadcast_to(np.arange(values.shape[1]), values.shape)
+    out_samples = np.full((n_classes, k_class, values.shape[1]), -1, dtype=np.int64)
+    out_scores = np.full(out_samples.shape, -np.inf)
+    where = key[keep], rank[keep], column[keep]
+    out_samples[where], out_scores[where] = found[keep], best[keep]
+    return out_samples, out_scores
+
+
+def class_of(labels: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """The label of each sample id (-1 for padding)."""
+    return np.where(samples >= 0, labels[np.maximum(samples, 0)], -1)
+
+
+def chunk_tables(
+    stats: Mapping[str, np.ndarray],
+    positions: int,
+    labels: np.ndarray,
+    valid: np.ndarray,
+    start: int,
+    *,
+    k: int,
+    k_class: int,
+    entries: int,
+    n_classes: int,
+) -> dict[str, np.ndarray]:
+    """One chunk's tables of one layer, for every spec: ``top_samples``/``top_scores``
+    (spec, k, concepts) and ``class_samples``/``class_scores`` (spec, entries, concepts).
+    ``stats`` holds the chunk's rows of the layer's statistics, from sample ``start`` on."""
+    samples = np.where(valid, np.arange(start, start + len(valid)), -1)
+    parts: dict[str, list[np.ndarray]] = {}
+    for spec in SPECS:
+        values = scores(stats[spec.stat], spec, positions)
+        found = {}
+        if k:
+            found["top"] = top_k(samples, values, k)
+        if k_class:
+            found["class"] = class_candidates(samples, values, labels, k_class, entries, n_classes)
+        for kind, (s, v) in found.items():
+            parts.setdefault(f"{kind}_samples", []).append(s.astype(np.int32))
+            parts.setdefault(f"{kind}_scores", []).append(v)
+    return {name: np.stack(values) for name, values in parts.items()}
+
+
+# -- the merge over chunks ---------------------------------------------------------------------
+def table_name(layer: str, spec: Spec) -> str:
+    """The derived result holding the merged top-k table of ``layer`` under ``spec``."""
+    return f"tables/{layer}/{spec.name}"
+
+
+def class_table_name(layer: str, spec: Spec) -> str:
+    """The derived result holding the merged per-class table of ``layer`` under ``spec``."""
+    return f"class_tables/{layer}/{spec.name}"
+
+
+Reduce = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _fold(group: zarr.Group, prefix: str, reduce: Reduce) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per spec, ``reduce`` folded over the chunk tables ``<prefix>_samples/_scores``, read in
+    blocks of chunks of at most MERGE_BUDGET bytes."""
+    samples, values = group[f"{prefix}_samples"], group[f"{prefix}_scores"]
+    n_chunks, n_specs, rows, concepts = samples.shape
+    block = max(1, MERGE_BUDGET // (n_specs * rows * concepts * 12))
+    running: list[tuple[np.ndarray, np.ndarray] | None] = [None] * n_specs
+    for start in range(0, n_chunks, block):
+        s_block = samples[start : start + block].astype(np.int64)
+        v_block = values[start : start + block]
+        for i in range(n_specs):
+            s = s_block[:, i].reshape(-1, concepts)
+            v = v_block[:, i].reshape(-1, concepts)
+            if running[i] is not None:
+                s, v = np.concatenate([running[i][0], s]), np.concatenate([running[i][1], v])
+            running[i] = reduce(s, v)
+    return running  # type: ignore[return-value]
+
+
+def merge_tables(path: str | Path) -> None:
+    """Merge the per-chunk tables of a complete store exactly into the derived results
+    ``tables/<layer>/<spec>`` ((k, concept)) and ``class_tables/<layer>/<spec>`` ((class,
+    k_class, concept)); running it again rewrites the same results."""
+    group = zarr.open_group(Path(path), mode="r+")
+    attrs = dict(group.attrs)
+    if not group["progress/done"][:].all():
+        raise ValueError(f"the store at {path} is not complete; merge its tables once it is")
+    k, k_class, n_classes = attrs["k"], attrs["k_class"], attrs["classes"]
+    labels = group["samples/label"][:]
+
+    def top(s: np.ndarray, v: np.ndarray):
+        return top_k(s, v, k)
+
+    def per_class(s: np.ndarray, v: np.ndarray):
+        rows = min(n_classes * k_class, len(s))  # no more than the entries at hand
+        return class_candidates(s, v, class_of(labels, s), k_class, rows, n_classes)
+
+    for layer in attrs["layers"]:
+        tables = group[f"layers/{layer}/tables"]
+        meta = {"layer": layer, "k": k, "k_class": k_class}
+        if k:
+            for spec, (s, v) in zip(SPECS, _fold(tables, "top", top), strict=True):
+                _write(path, table_name(layer, spec), s, v, ("rank", "concept"), spec, meta)
+        if k_class:
+            for spec, (s, v) in zip(SPECS, _fold(tables, "class", per_class), strict=True):
+                s, v = class_table(s, v, class_of(labels, s), k_class, n_classes)
+                dims = ("class", "rank", "concept")
+                _write(path, class_table_name(layer, spec), s, v, dims, spec, meta)
+    group.attrs["tables_merged"] = True
+
+
+def _write(path, name: str, samples, values, dims, spec: Spec, meta: Mapping) -> None:
+    attrs = {**meta, "mode": spec.mode, "target": spec.target, "normalised": spec.normalised}
+    arrays = {"samples": samples, "scores": values}
+    write_result(path, name, arrays, dims={"samples": dims, "scores": dims}, attrs=attrs)
+
+
+def merge_when_complete(path: str | Path) -> bool:
+    """Merge the tables if the store is complete and they are not merged yet; one process
+    at a time (a lock file beside the store; a lock left by a dead process on this host is
+    taken over). True if this call merged them."""
+    path = Path(path)
+    group = zarr.open_group(path, mode="r")
+    if group.attrs.get("tables_merged") or not group["progress/done"][:].all():
+        return False
+    lock = path.with_name(f"{path.name}.merging")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        if not _stale(lock):
+            return False  # another process is merging
+        lock.unlink(missing_ok=True)
+        return merge_when_complete(path)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}")
+    try:
+        merge_tables(path)
+    finally:
+        lock.unlink(missing_ok=True)
+    return True
+
+
+def _stale(lock: Path) -> bool:
+    """Whether ``lock`` was left by a process of this host that no longer runs."""
+    try:
+        host, pid = lock.read_text().split()
+    except (OSError, ValueError):
+        return False  # being written right now, or gone
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
