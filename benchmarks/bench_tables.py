@@ -1,0 +1,112 @@
+"""The streaming reference tables of the dataset pass: building one chunk's tables
+(``layer_tables``: every layer, all 8 score specs, top-k and per-class) and merging a complete
+store's per-chunk tables (``merge_tables``). Random statistics shaped like VGG16's deep conv
+layers (relevance signed, activations rectified: many tied zeros); medians of several runs.
+
+    python benchmarks/bench_tables.py [--rows 256] [--concepts 512] [--layers 3]
+        [--classes 10 1000] [--chunks 40] [--repeats 5] [--label before]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import REPO, machine_info, markdown_table, median, write_json
+
+from crp_toolkit.store.analysis import layer_tables
+from crp_toolkit.store.tables import merge_tables
+from crp_toolkit.store.zarr_store import Layout, create_or_resume, write_chunk
+
+
+def chunk_arrays(layout: Layout, chunk: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One chunk's labels, validity and per-layer statistics (float32, as the pass gives)."""
+    rows = len(layout.rows(chunk))
+    arrays = {
+        "samples/label": rng.integers(0, layout.classes, rows),
+        "samples/valid": np.ones(rows, dtype=bool),
+    }
+    for name, shape in layout.layers.items():
+        signed = rng.standard_normal((2, rows, shape[0]), dtype=np.float32)
+        active = np.maximum(rng.standard_normal((2, rows, shape[0]), dtype=np.float32), 0)
+        stats = {"relevance": signed[0], "rel_max": signed[1]}
+        stats |= {"act_max": active[0], "act_mean": active[1] / 4}
+        arrays |= {f"layers/{name}/{stat}": values for stat, values in stats.items()}
+    return arrays
+
+
+def layout_for(args, classes: int) -> Layout:
+    layers = {f"layer{i}": (args.concepts, 14, 14) for i in range(args.layers)}
+    return Layout(
+        args.chunks * args.rows, args.rows, classes, layers, k=args.k, k_class=args.k_class
+    )
+
+
+def time_chunk(layout: Layout, repeats: int, rng: np.random.Generator) -> list[float]:
+    """Seconds of ``layer_tables`` for one chunk, each run on fresh statistics."""
+    runs = []
+    for _ in range(repeats):
+        arrays = chunk_arrays(layout, 0, rng)
+        start = time.perf_counter()
+        layer_tables(layout, 0, arrays)
+        runs.append(time.perf_counter() - start)
+    return runs
+
+
+def time_merge(layout: Layout, repeats: int, rng: np.random.Generator) -> list[float]:
+    """Seconds of ``merge_tables`` on a complete store of ``layout`` (tables only)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.zarr"
+        group = create_or_resume(path, layout, {})
+        for c in range(layout.n_chunks):
+            arrays = chunk_arrays(layout, c, rng)
+            tables = layer_tables(layout, c, arrays)
+            keep = {key: arrays[key] for key in ("samples/label", "samples/valid")}
+            write_chunk(group, layout, c, keep | tables)
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            merge_tables(path)
+            runs.append(time.perf_counter() - start)
+        return runs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--concepts", type=int, default=512)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--classes", type=int, nargs="+", default=[10, 1000])
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--k-class", type=int, default=8)
+    p.add_argument("--chunks", type=int, default=40, help="chunks of the merged store (0: none)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--merge-repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--label", default="current", help="names the JSON file: tables_<label>")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    results, rows = [], []
+    for classes in args.classes:
+        layout = layout_for(args, classes)
+        chunk = time_chunk(layout, args.repeats, rng)
+        merge = time_merge(layout, args.merge_repeats, rng) if args.chunks else []
+        results.append({"classes": classes, "chunk_seconds": chunk, "merge_seconds": merge})
+        merged = f"{median(merge):.2f}" if merge else "-"
+        rows.append([classes, f"{median(chunk):.3f}", f"{median(chunk) / args.layers:.3f}", merged])
+    header = ["classes", "chunk_tables s/chunk", "per layer", f"merge s ({args.chunks} chunks)"]
+    out = REPO / "benchmarks" / "results" / f"tables_{args.label}.json"
+    setting = vars(args)
+    write_json(
+        out, {"machine": machine_info(torch.device("cpu")), "setting": setting, "results": results}
+    )
+    print(markdown_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
