@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import crp_toolkit as ct
 from crp_toolkit.data.fashion import load_fashion_data, load_fashion_model
+from crp_toolkit.store.analysis import analyze_dataset
 
 SHARED = Path(os.environ.get("CRP_TOOLKIT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 FASHION_DIR = SHARED / "data" / "fashion"
@@ -75,3 +78,45 @@ class Images(torch.utils.data.Dataset):
         if i in self.broken:
             raise OSError(f"sample {i} is corrupt")
         return self.x[i], int(self.y[i])
+
+
+# The real store the mining tests share: the 64 fixture images, two of them unreadable.
+STORE_DESCRIPTION = "fashion-64"
+BROKEN = {3, 40}
+
+
+@pytest.fixture(scope="session")
+def analyzer(fashion_model):
+    """LRP of the canonized fashion CNN with zennit's EpsilonPlus semantics."""
+    return ct.LRP(ct.canonize(fashion_model), ct.composites.EpsilonPlus())
+
+
+@pytest.fixture(scope="session")
+def dataset(fashion_data):
+    """The 64 fixture images; samples 3 and 40 fail to read."""
+    x, y = fashion_data
+    return Images(x, y, broken=BROKEN)
+
+
+@pytest.fixture(scope="session")
+def _fashion_store(analyzer, dataset, tmp_path_factory):
+    path = tmp_path_factory.mktemp("fashion_store") / "s.zarr"
+    analyze_dataset(
+        analyzer,
+        dataset,
+        ["conv2", "linear1"],
+        path,
+        dataset_description=STORE_DESCRIPTION,
+        chunk=10,
+        progress=False,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(_fashion_store, tmp_path_factory):
+    """A real store of ``dataset`` (layers conv2 and linear1, chunks of 10 rows), copied for
+    each test module so that modules can add derived results without seeing each other's."""
+    path = tmp_path_factory.mktemp("store") / "s.zarr"
+    shutil.copytree(_fashion_store, path)
+    return ct.store.open(path)

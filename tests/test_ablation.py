@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import Images
+from conftest import STORE_DESCRIPTION
 
 import crp_toolkit as ct
 from crp_toolkit.data.training import load_world_model
@@ -15,33 +15,10 @@ from crp_toolkit.data.world import ConceptWorld
 from crp_toolkit.mining.ablation import ORDERINGS, ablation_curves, read_ablation
 from crp_toolkit.store.analysis import analyze_dataset
 
-DESCRIPTION = "ablation"
-
-
-@pytest.fixture(scope="module")
-def analyzer(fashion_model):
-    return ct.LRP(ct.canonize(fashion_model), ct.composites.EpsilonPlus())
-
-
-@pytest.fixture(scope="module")
-def dataset(fashion_data):
-    x, y = fashion_data
-    return Images(x, y, broken={3, 40})
-
-
-@pytest.fixture(scope="module")
-def store(analyzer, dataset, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ablation") / "s.zarr"
-    layers = ["conv2", "linear1"]
-    analyze_dataset(
-        analyzer, dataset, layers, path, dataset_description=DESCRIPTION, chunk=16, progress=False
-    )
-    return ct.store.open(path)
-
 
 def curves(analyzer, dataset, store, layer, **options):
     return ablation_curves(
-        analyzer, dataset, store, layer, dataset_description=DESCRIPTION, **options
+        analyzer, dataset, store, layer, dataset_description=STORE_DESCRIPTION, **options
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import Images
+from conftest import STORE_DESCRIPTION
 
 import crp_toolkit as ct
 from crp_toolkit.data.training import load_world_model
@@ -17,31 +17,8 @@ from crp_toolkit.mining.localise import (
     localise_references,
     receptive_field,
 )
-from crp_toolkit.store.analysis import analyze_dataset
 
-DESCRIPTION = "localise"
 CONCEPTS = [0, 5, 11]
-
-
-@pytest.fixture(scope="module")
-def analyzer(fashion_model):
-    return ct.LRP(ct.canonize(fashion_model), ct.composites.EpsilonPlus())
-
-
-@pytest.fixture(scope="module")
-def dataset(fashion_data):
-    x, y = fashion_data
-    return Images(x, y, broken={3, 40})
-
-
-@pytest.fixture(scope="module")
-def store(analyzer, dataset, tmp_path_factory):
-    path = tmp_path_factory.mktemp("localise") / "s.zarr"
-    layers = ["conv2", "linear1"]
-    analyze_dataset(
-        analyzer, dataset, layers, path, dataset_description=DESCRIPTION, chunk=16, progress=False
-    )
-    return ct.store.open(path)
 
 
 def localise(analyzer, dataset, store, mode="relevance", **options):
@@ -51,7 +28,7 @@ def localise(analyzer, dataset, store, mode="relevance", **options):
         dataset,
         store,
         table,
-        dataset_description=DESCRIPTION,
+        dataset_description=STORE_DESCRIPTION,
         concepts=CONCEPTS,
         **options,
     )
@@ -175,7 +152,9 @@ def test_bad_selection_is_refused(analyzer, dataset, store):
     table = reference_samples(store, "conv2", k=3)
     with pytest.raises(ValueError, match="0..15"):
         localise_references(
-            analyzer, dataset, store, table, dataset_description=DESCRIPTION, concepts=[16]
+            analyzer, dataset, store, table, dataset_description=STORE_DESCRIPTION, concepts=[16]
         )
     with pytest.raises(ValueError, match="k must be between 1 and"):
-        localise_references(analyzer, dataset, store, table, dataset_description=DESCRIPTION, k=4)
+        localise_references(
+            analyzer, dataset, store, table, dataset_description=STORE_DESCRIPTION, k=4
+        )

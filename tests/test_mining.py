@@ -4,28 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import Images
 
-import crp_toolkit as ct
 from crp_toolkit.mining import reference_samples
-from crp_toolkit.store.analysis import analyze_dataset
-
-
-@pytest.fixture(scope="module")
-def store(fashion_model, fashion_data, tmp_path_factory):
-    x, y = fashion_data
-    analyzer = ct.LRP(ct.canonize(fashion_model), ct.composites.EpsilonPlus())
-    path = tmp_path_factory.mktemp("mine") / "s.zarr"
-    analyze_dataset(
-        analyzer,
-        Images(x, y, broken={3, 40}),
-        ["conv2", "linear1"],
-        path,
-        dataset_description="mine",
-        chunk=10,
-        progress=False,
-    )
-    return ct.store.open(path)
 
 
 def brute_force(store, layer, mode, target, normalised, k, classes=None):

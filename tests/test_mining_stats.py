@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-from conftest import Images
+from conftest import BROKEN
 from sklearn.mixture import GaussianMixture
 
-import crp_toolkit as ct
 from crp_toolkit.mining.prototypes import fit_prototypes, fit_subset
 from crp_toolkit.mining.similarity import concept_similarity
 from crp_toolkit.mining.statistics import (
@@ -20,27 +19,7 @@ from crp_toolkit.mining.statistics import (
     top_classes,
     top_concepts,
 )
-from crp_toolkit.store.analysis import analyze_dataset
 from crp_toolkit.store.zarr_store import Layout, Store, create_or_resume, write_chunk
-
-BROKEN = {3, 40}
-
-
-@pytest.fixture(scope="module")
-def store(fashion_model, fashion_data, tmp_path_factory):
-    x, y = fashion_data
-    analyzer = ct.LRP(ct.canonize(fashion_model), ct.composites.EpsilonPlus())
-    path = tmp_path_factory.mktemp("stats") / "s.zarr"
-    analyze_dataset(
-        analyzer,
-        Images(x, y, broken=BROKEN),
-        ["conv2", "linear1"],
-        path,
-        dataset_description="stats",
-        chunk=10,
-        progress=False,
-    )
-    return ct.store.open(path)
 
 
 def write_store(path, relevance, labels, valid, chunk, classes) -> Store:
