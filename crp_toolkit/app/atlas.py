@@ -5,14 +5,13 @@ stage did not keep (it was not run, or for other concepts) is computed here and 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 
 import crp_toolkit as ct
-from crp_toolkit.app.mine import dataset_relevance, most_relevant
+from crp_toolkit.app.mine import MinedLayer, dataset_relevance, mine_layer
 from crp_toolkit.app.stages import Loaded, class_names, load, open_store
 from crp_toolkit.atlas.figures import (
     FigureStyle,
@@ -40,14 +39,9 @@ from crp_toolkit.atlas.site import (
 )
 from crp_toolkit.data.loading import gather
 from crp_toolkit.mining.ablation import read_ablation
-from crp_toolkit.mining.localise import LocalisedReferences, localise_references
-from crp_toolkit.mining.prototypes import Prototypes, fit_prototypes
+from crp_toolkit.mining.localise import localise_references
 from crp_toolkit.mining.references import reference_samples
-from crp_toolkit.mining.similarity import ConceptSimilarity, concept_similarity
 from crp_toolkit.mining.statistics import (
-    ClassStatistics,
-    class_statistics,
-    load_result,
     top_classes,
     top_concepts,
 )
@@ -55,22 +49,6 @@ from crp_toolkit.store.zarr_store import Store
 
 log = logging.getLogger("crp_toolkit")
 FIGURE_KEYS = ("width", "dpi", "font_size", "cmap", "palette", "formats")
-
-
-@dataclass(frozen=True)
-class MinedLayer:
-    """A layer's mining results, as the atlas needs them."""
-
-    layer: str
-    stats: ClassStatistics
-    similarity: ConceptSimilarity
-    prototypes: Prototypes
-    concepts: list[int]  # the concepts with references, most relevant first
-    relmax: LocalisedReferences
-    actmax: LocalisedReferences
-
-    def column(self, concept: int) -> int:
-        return self.concepts.index(concept)
 
 
 def atlas(cfg: DictConfig, out: Path) -> None:
@@ -83,7 +61,7 @@ def atlas(cfg: DictConfig, out: Path) -> None:
     names = class_names(loaded.dataset, store.classes)
     content = SiteContent(title="crp_toolkit concept atlas", concepts=[])
     for layer in store.layers:
-        mined = read_mined(cfg.mining, loaded, store, layer)
+        mined = mine_layer(cfg.mining, loaded, store, layer, reuse=True)
         part = layer_pages(mined, store, loaded, names, folder, style)
         content = SiteContent(
             content.title,
@@ -100,34 +78,6 @@ def atlas(cfg: DictConfig, out: Path) -> None:
 
 def figure_style(cfg: DictConfig) -> FigureStyle:
     return FigureStyle(**{k: cfg.atlas[k] for k in FIGURE_KEYS})
-
-
-def read_mined(m: DictConfig, loaded: Loaded, store: Store, layer: str) -> MinedLayer:
-    """A layer's mining results from the store, computed (and kept) where missing."""
-    scoring = {"target": m.target, "normalised": m.normalised}
-    stats = load_result(store, ClassStatistics, f"statistics/{layer}") or class_statistics(
-        store, layer, k=m.k, **scoring
-    )
-    similarity = load_result(store, ConceptSimilarity, f"similarity/{layer}/relevance")
-    if similarity is None:
-        n = min(m.clusters, store.layer(layer).shape[1])
-        similarity = concept_similarity(store, layer, n_clusters=n, **scoring)
-    prototypes = load_result(store, Prototypes, f"prototypes/{layer}") or fit_prototypes(
-        store, layer, n_prototypes=m.prototypes, normalised=m.normalised, seed=m.seed
-    )
-    concepts = most_relevant(stats, m.concepts)
-    refs = {
-        mode: localise_references(
-            loaded.analyzer,
-            loaded.dataset,
-            store,
-            reference_samples(store, layer, mode=mode, k=m.k, **scoring),
-            dataset_description=loaded.description,
-            concepts=concepts,
-        )
-        for mode in ("relevance", "activation")
-    }
-    return MinedLayer(layer, stats, similarity, prototypes, concepts, *refs.values())
 
 
 def layer_pages(

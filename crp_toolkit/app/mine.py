@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,64 +13,113 @@ from omegaconf import DictConfig
 
 from crp_toolkit.app.stages import Loaded, load, open_store
 from crp_toolkit.mining.ablation import ablation_curves
-from crp_toolkit.mining.localise import localise_references
-from crp_toolkit.mining.prototypes import fit_prototypes
+from crp_toolkit.mining.localise import LocalisedReferences, localise_references
+from crp_toolkit.mining.prototypes import Prototypes, fit_prototypes
 from crp_toolkit.mining.references import MODES, reference_samples
-from crp_toolkit.mining.similarity import concept_similarity
-from crp_toolkit.mining.statistics import ClassStatistics, class_statistics, save_result
+from crp_toolkit.mining.similarity import ConceptSimilarity, concept_similarity
+from crp_toolkit.mining.statistics import (
+    ClassStatistics,
+    class_statistics,
+    load_result,
+    save_result,
+)
 from crp_toolkit.store.zarr_store import Store
 
 log = logging.getLogger("crp_toolkit")
 
 
+@dataclass(frozen=True)
+class MinedLayer:
+    """A layer's mining results: class statistics, concept similarity, PCX prototypes, and
+    localised RelMax and ActMax references of its most relevant ``concepts``."""
+
+    layer: str
+    stats: ClassStatistics
+    similarity: ConceptSimilarity
+    prototypes: Prototypes
+    concepts: list[int]  # the concepts with references, most relevant first
+    relmax: LocalisedReferences
+    actmax: LocalisedReferences
+
+    def column(self, concept: int) -> int:
+        return self.concepts.index(concept)
+
+
 def mine(cfg: DictConfig, out: Path) -> None:
-    """Class statistics, concept similarity, PCX prototypes, localised RelMax and ActMax
-    references of the most relevant concepts, and ablation curves, per layer."""
+    """Every mining result of every layer, and ablation curves, kept in the store."""
     loaded, store = load(cfg), open_store(cfg, out)
-    summary = {layer: mine_layer(cfg.mining, loaded, store, layer) for layer in store.layers}
+    m, summary = cfg.mining, {}
+    for layer in store.layers:
+        mined = mine_layer(m, loaded, store, layer, reuse=False)
+        curves = ablation_curves(
+            loaded.analyzer,
+            loaded.dataset,
+            store,
+            layer,
+            dataset_description=loaded.description,
+            samples=m.ablation_samples,
+            steps=m.ablation_steps,
+            seed=m.seed,
+        )
+        summary[layer] = {
+            "concepts": mined.concepts,
+            "clusters": int(mined.similarity.cluster.max()) + 1,
+            "ablation_area": dict(
+                zip(curves.orderings, curves.area.round(4).tolist(), strict=True)
+            ),
+        }
     (out / "mining.json").write_text(json.dumps(summary, indent=2))
     log.info("mined %s into %s", ", ".join(store.layers), store.path)
 
 
-def mine_layer(m: DictConfig, loaded: Loaded, store: Store, layer: str) -> dict:
+def mine_layer(
+    m: DictConfig, loaded: Loaded, store: Store, layer: str, *, reuse: bool
+) -> MinedLayer:
+    """A layer's mining results by the ``mining`` config, kept in the store. With ``reuse``,
+    results the store already holds for the same settings are read back instead."""
     scoring = {"target": m.target, "normalised": m.normalised}
-    stats = class_statistics(store, layer, k=m.k, **scoring)
-    save_result(store, stats)
-    concepts = store.layer(layer).shape[1]
-    similarity = concept_similarity(store, layer, n_clusters=min(m.clusters, concepts), **scoring)
-    save_result(store, similarity)
-    prototypes = fit_prototypes(
-        store, layer, n_prototypes=m.prototypes, normalised=m.normalised, seed=m.seed
+
+    def kept(kind, name: str, compute, **settings):
+        found = load_result(store, kind, name) if reuse else None
+        if found is None or any(getattr(found, k) != v for k, v in settings.items()):
+            found = compute()
+            save_result(store, found)
+        return found
+
+    stats = kept(
+        ClassStatistics,
+        f"statistics/{layer}",
+        lambda: class_statistics(store, layer, k=m.k, **scoring),
+        k=m.k,
+        **scoring,
     )
-    save_result(store, prototypes)
-    chosen = most_relevant(stats, m.concepts)
-    for mode in MODES:
-        table = reference_samples(store, layer, mode=mode, k=m.k, **scoring)
-        localise_references(
+    clusters = min(m.clusters, store.layer(layer).shape[1])
+    similarity = kept(
+        ConceptSimilarity,
+        f"similarity/{layer}/relevance",
+        lambda: concept_similarity(store, layer, n_clusters=clusters, **scoring),
+        **scoring,
+    )
+    prototypes = kept(
+        Prototypes,
+        f"prototypes/{layer}",
+        lambda: fit_prototypes(
+            store, layer, n_prototypes=m.prototypes, normalised=m.normalised, seed=m.seed
+        ),
+    )
+    concepts = most_relevant(stats, m.concepts)
+    refs = [
+        localise_references(  # cached in the store by everything that fixes them
             loaded.analyzer,
             loaded.dataset,
             store,
-            table,
+            reference_samples(store, layer, mode=mode, k=m.k, **scoring),
             dataset_description=loaded.description,
-            concepts=chosen,
+            concepts=concepts,
         )
-    curves = ablation_curves(
-        loaded.analyzer,
-        loaded.dataset,
-        store,
-        layer,
-        dataset_description=loaded.description,
-        samples=m.ablation_samples,
-        steps=m.ablation_steps,
-        seed=m.seed,
-    )
-    return {
-        "concepts": chosen,
-        "clusters": int(similarity.cluster.max()) + 1,
-        "ablation_area": {
-            o: round(float(a), 4) for o, a in zip(curves.orderings, curves.area, strict=True)
-        },
-    }
+        for mode in MODES
+    ]
+    return MinedLayer(layer, stats, similarity, prototypes, concepts, *refs)
 
 
 def dataset_relevance(stats: ClassStatistics) -> np.ndarray:
