@@ -4,12 +4,14 @@ atlas, evaluate) on a small concept world, and its HTML atlas in headless Chromi
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import yaml
 from browser import Browser, check_site
-from conftest import cli
+from conftest import ROOT, cli
 from PIL import Image
 
 import crp_toolkit as ct
@@ -105,3 +107,25 @@ def test_a_stage_without_its_store_says_how_to_make_one(tmp_path):
     run = cli("mine", f"hydra.run.dir={tmp_path}", f"store.path={tmp_path / 'none.zarr'}")
     assert run.returncode != 0
     assert "run `crp-toolkit analyze store.path=...` first" in run.stderr
+
+
+@pytest.mark.parametrize(
+    "script, output",
+    [
+        ("clever_hans.py", "clever_hans.md"),
+        ("relmax_vs_actmax.py", "relmax_vs_actmax_features.12.png"),
+    ],
+)
+def test_experiment_scripts_make_their_figure_from_a_run(run_dir, script, output):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / script), str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    made = run_dir / "experiments" / output
+    assert made.stat().st_size > 500
+    if output.endswith(".md"):
+        rows = [line for line in made.read_text().splitlines() if line.startswith("| features")]
+        assert len(rows) == 6  # the default --top
