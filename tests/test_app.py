@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,13 @@ from conftest import FASHION_OVERRIDES, cli
 from crp_toolkit.data.training import load_world_model
 from crp_toolkit.data.world import (
     CLASS_RULES,
+    CLASSES,
     CONCEPTS,
     ConceptWorld,
     WorldObject,
     class_of,
+    distractor,
+    draw,
     matches,
 )
 
@@ -101,6 +105,7 @@ def test_the_world_is_deterministic_and_carries_its_ground_truth():
     for i in range(40):
         a, b = world.sample(i), again.sample(i)
         np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.masks, b.masks)
         assert a.label == b.label
         assert a.image.shape == (3, 64, 64) and a.image.min() >= 0 and a.image.max() <= 1
         np.testing.assert_array_equal(a.concepts, a.masks.reshape(len(CONCEPTS), -1).any(1))
@@ -111,15 +116,52 @@ def test_the_world_is_deterministic_and_carries_its_ground_truth():
 def test_class_rules_are_unambiguous():
     """Every possible object matches at most one class rule; some match none (distractors)."""
     objects = [
-        WorldObject(s, c, t)
+        WorldObject(s, c, t, p)
         for s in ("circle", "square", "triangle")
         for c in ("red", "green", "blue")
         for t in ("plain", "stripes", "dots")
+        for p in (None, "stem")
     ]
     matched = [sum(matches(obj, rule) for rule in CLASS_RULES) for obj in objects]
     assert max(matched) == 1
     assert matched.count(0) >= 5
     assert {class_of(obj) for obj in objects} == {None, *range(len(CLASS_RULES))}
+    assert any(obj.part and class_of(obj) is None for obj in objects)  # stemmed distractors
+
+
+def test_a_stem_turns_a_distractor_square_into_a_stemmed_square():
+    rng = np.random.default_rng(0)
+    squares = [d for d in (distractor(rng) for _ in range(300)) if d.shape == "square"]
+    assert squares and all(d.part is None for d in squares)
+    assert {CLASSES[class_of(replace(d, part="stem"))] for d in squares} == {"stemmed square"}
+    blue = WorldObject("square", "blue", "dots")
+    assert class_of(blue) == class_of(replace(blue, part="stem")) == CLASSES.index("blue square")
+
+
+def test_the_same_square_with_and_without_a_stem_differs_only_in_the_stem():
+    square = WorldObject("square", "green", "stripes")
+    stemmed = replace(square, part="stem")
+    assert class_of(square) is None and CLASSES[class_of(stemmed)] == "stemmed square"
+    image, masks = draw(np.random.default_rng(7), [square], 64, watermark=False)
+    stem_image, stem_masks = draw(np.random.default_rng(7), [stemmed], 64, watermark=False)
+    k = CONCEPTS.index("stem")
+    assert stem_masks[k].any() and not masks[k].any()
+    np.testing.assert_array_equal((image != stem_image).any(0), stem_masks[k])
+    np.testing.assert_array_equal(np.delete(masks, k, 0), np.delete(stem_masks, k, 0))
+
+
+def test_stem_masks_hold_only_drawn_stems():
+    k = CONCEPTS.index("stem")
+    bodies = [CONCEPTS.index(shape) for shape in ("circle", "square", "triangle")]
+    world = ConceptWorld(n=80, seed=2)
+    samples = [world.sample(i) for i in range(80)]
+    assert all(s.concepts[k] for s in samples if s.label == CLASSES.index("stemmed square"))
+    assert any(s.concepts[k] for s in samples if s.label != CLASSES.index("stemmed square"))
+    assert any(not s.concepts[k] for s in samples)
+    for s in samples:
+        assert s.concepts[k] == s.masks[k].any()
+        assert not (s.masks[k] & s.masks[bodies].any(0)).any()
+        assert (s.image[:, s.masks[k]] < 0.3).all()  # dark grey wherever the mask says stem
 
 
 def test_the_watermark_correlates_with_its_class():

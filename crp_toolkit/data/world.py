@@ -3,11 +3,15 @@ scored.
 
 Every image (RGB, 64x64 by default) shows one *key object* that defines its class and one or
 two distractor objects that match no class rule. An object has a shape (circle, square,
-triangle), a colour (red, green, blue) and a texture (plain, stripes, dots). Some concepts are
-shared across classes (red: classes 0 and 5; circle: 0 and 3). A spurious watermark appears on
-most images of one class (and rarely elsewhere), for Clever-Hans experiments. Each sample is
-generated from ``(seed, index)`` alone, with its ground truth: which concepts are present and a
-pixel mask for each.
+triangle), a colour (red, green, blue), a texture (plain, stripes, dots) and maybe a part: a
+dark grey *stem* below its body, like a lollipop stick. Class 4 (a square with a stem, not blue)
+needs the stem; the other rules ignore parts, so stems appear at random (``PART_RATE``) on their
+key objects and on distractors, where a stem is allowed only if the object still matches no
+rule. Some concepts are shared across classes (red: classes 0 and 5; circle: 0 and 3; square: 1
+and 4; stem: all). A spurious watermark appears on most images of one class (and rarely
+elsewhere), for Clever-Hans experiments. Each sample is generated from ``(seed, index)`` alone,
+with its ground truth: which concepts are present and a pixel mask for each (shape, colour and
+texture masks cover an object's body, the stem's mask only the stem).
 """
 
 from __future__ import annotations
@@ -22,26 +26,12 @@ from torch.utils.data import Dataset
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue")
 TEXTURES = ("plain", "stripes", "dots")
-CONCEPTS = ("circle", "square", "triangle", "red", "green", "blue", "stripes", "dots", "watermark")
+PARTS = ("stem",)
+PART_RATE = 0.3  # chance that a random object carries a part
+CONCEPTS = SHAPES + COLOURS + TEXTURES[1:] + PARTS + ("watermark",)
 RGB = {"red": (0.85, 0.15, 0.12), "green": (0.15, 0.7, 0.2), "blue": (0.15, 0.3, 0.9)}
-
-# class -> rule on the key object (shape, colour, texture); None matches anything
-CLASS_RULES: tuple[tuple[str | None, str | None, str | None, str | None], ...] = (
-    ("circle", "red", None, None),  # 0: red circle
-    ("square", "blue", None, None),  # 1: blue square
-    ("triangle", "green", None, None),  # 2: green triangle
-    ("circle", None, "stripes", "red"),  # 3: striped circle, not red
-    ("square", None, "dots", "blue"),  # 4: dotted square, not blue
-    ("triangle", "red", None, None),  # 5: red triangle
-)
-CLASSES = (
-    "red circle",
-    "blue square",
-    "green triangle",
-    "striped circle",
-    "dotted square",
-    "red triangle",
-)
+STEM_GREY = 0.15
+Disc = tuple[int, int, int]  # radius, centre row, centre column
 
 
 @dataclass(frozen=True)
@@ -49,15 +39,46 @@ class WorldObject:
     shape: str
     colour: str
     texture: str
+    part: str | None = None
 
 
-def matches(obj: WorldObject, rule: tuple) -> bool:
-    shape, colour, texture, not_colour = rule
+@dataclass(frozen=True)
+class Rule:
+    """What a key object must be; None matches anything."""
+
+    shape: str | None = None
+    colour: str | None = None
+    texture: str | None = None
+    not_colour: str | None = None
+    part: str | None = None
+
+
+CLASS_RULES = (
+    Rule("circle", colour="red"),  # 0: red circle
+    Rule("square", colour="blue"),  # 1: blue square
+    Rule("triangle", colour="green"),  # 2: green triangle
+    Rule("circle", texture="stripes", not_colour="red"),  # 3: striped circle, not red
+    Rule("square", not_colour="blue", part="stem"),  # 4: square with a stem, not blue
+    Rule("triangle", colour="red"),  # 5: red triangle
+)
+CLASSES = (
+    "red circle",
+    "blue square",
+    "green triangle",
+    "striped circle",
+    "stemmed square",
+    "red triangle",
+)
+
+
+def matches(obj: WorldObject, rule: Rule) -> bool:
+    """Whether an object satisfies a class rule."""
     return (
-        (shape is None or obj.shape == shape)
-        and (colour is None or obj.colour == colour)
-        and (texture is None or obj.texture == texture)
-        and (not_colour is None or obj.colour != not_colour)
+        rule.shape in (None, obj.shape)
+        and rule.colour in (None, obj.colour)
+        and rule.texture in (None, obj.texture)
+        and rule.not_colour != obj.colour
+        and rule.part in (None, obj.part)
     )
 
 
@@ -118,7 +139,9 @@ class ConceptWorld(Dataset):
 
 
 def _random_object(rng: np.random.Generator) -> WorldObject:
-    return WorldObject(SHAPES[rng.integers(3)], COLOURS[rng.integers(3)], TEXTURES[rng.integers(3)])
+    shape, colour, texture = (kinds[rng.integers(3)] for kinds in (SHAPES, COLOURS, TEXTURES))
+    part = PARTS[rng.integers(len(PARTS))] if rng.random() < PART_RATE else None
+    return WorldObject(shape, colour, texture, part)
 
 
 def key_object(rng: np.random.Generator, label: int) -> WorldObject:
@@ -136,37 +159,88 @@ def distractor(rng: np.random.Generator) -> WorldObject:
 
 
 def render(rng: np.random.Generator, label: int, size: int, watermark: bool) -> WorldSample:
-    """Draw the key object and 1-2 distractors at non-overlapping places."""
+    """A sample of class ``label``: its key object and 1-2 distractors."""
     objects = [key_object(rng, label)] + [distractor(rng) for _ in range(rng.integers(1, 3))]
+    image, masks = draw(rng, objects, size, watermark)
+    concepts = masks.reshape(len(CONCEPTS), -1).any(1)
+    return WorldSample(image, label, concepts, masks)
+
+
+def draw(
+    rng: np.random.Generator, objects: list[WorldObject], size: int, watermark: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw objects at non-overlapping places on a noisy background: the image (3, size, size)
+    and the mask of each concept (n_concepts, size, size), holding only visible pixels."""
     image = 0.45 + 0.08 * rng.standard_normal((3, size, size))
     masks = np.zeros((len(CONCEPTS), size, size), dtype=bool)
-    boxes: list[tuple[int, int, int]] = []
+    taken: list[Disc] = []
     for obj in objects:
-        r, cy, cx = _place(rng, size, boxes)
-        boxes.append((r, cy, cx))
-        shape_mask = _shape_mask(obj.shape, size, r, cy, cx)
+        r, cy, cx = _place(rng, size, obj.part, taken)
+        taken += _footprint(obj.part, r, cy, cx)
+        body = _shape_mask(obj.shape, size, r, cy, cx)
         shade = _texture(obj.texture, size, rng)
         colour = np.array(RGB[obj.colour])[:, None, None] * (0.9 + 0.2 * rng.random())
-        image = np.where(shape_mask, colour * shade, image)
-        masks[CONCEPTS.index(obj.shape)] |= shape_mask
-        masks[CONCEPTS.index(obj.colour)] |= shape_mask
-        if obj.texture != "plain":
-            masks[CONCEPTS.index(obj.texture)] |= shape_mask
+        seen = [obj.shape, obj.colour] + ([obj.texture] if obj.texture != "plain" else [])
+        image, masks = _paint(image, masks, body, colour * shade, seen)
+        if obj.part is not None:
+            stem = _stem_mask(size, r, cy, cx) & ~body
+            grey = STEM_GREY * (0.8 + 0.4 * rng.random())
+            image, masks = _paint(image, masks, stem, grey, [obj.part])
     if watermark:
-        mark = _watermark_mask(size)
-        image = np.where(mark, 1.0, image)
-        masks[CONCEPTS.index("watermark")] = mark
-    concepts = masks.reshape(len(CONCEPTS), -1).any(1)
-    return WorldSample(np.clip(image, 0, 1).astype(np.float32), label, concepts, masks)
+        image, masks = _paint(image, masks, _watermark_mask(size), 1.0, ["watermark"])
+    return np.clip(image, 0, 1).astype(np.float32), masks
 
 
-def _place(rng: np.random.Generator, size: int, boxes) -> tuple[int, int, int]:
+def _paint(
+    image: np.ndarray,
+    masks: np.ndarray,
+    region: np.ndarray,
+    value: np.ndarray | float,
+    concepts: list[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Paint ``value`` over ``region``, which then shows only ``concepts``."""
+    masks = masks & ~region
+    masks[[CONCEPTS.index(c) for c in concepts]] |= region
+    return np.where(region, value, image), masks
+
+
+def _place(
+    rng: np.random.Generator, size: int, part: str | None, taken: list[Disc]
+) -> tuple[int, int, int]:
+    """A radius and centre whose footprint keeps clear of the ``taken`` discs (the last try
+    if none does in 200)."""
     for _ in range(200):
         r = int(rng.integers(size // 9, size // 6 + 1))
         cy, cx = (int(v) for v in rng.integers(r + 1, size - r - 10, size=2))
-        if all((cy - y) ** 2 + (cx - x) ** 2 > (r + q + 2) ** 2 for q, y, x in boxes):
+        if not any(_overlap(a, b) for a in _footprint(part, r, cy, cx) for b in taken):
             return r, cy, cx
     return r, cy, cx
+
+
+def _overlap(a: Disc, b: Disc) -> bool:
+    """Whether two discs come closer than 2 pixels."""
+    (q, y, x), (p, v, u) = a, b
+    return (y - v) ** 2 + (x - u) ** 2 <= (q + p + 2) ** 2
+
+
+def _stem_size(r: int) -> tuple[int, int]:
+    """Length below the body and half-width of the stem of an object of radius ``r``."""
+    return 2 * r // 3 + 2, r // 4 + 1
+
+
+def _footprint(part: str | None, r: int, cy: int, cx: int) -> list[Disc]:
+    """Discs covering an object: its body and, with a part, its stem."""
+    if part is None:
+        return [(r, cy, cx)]
+    length, _ = _stem_size(r)
+    return [(r, cy, cx), (length // 2 + 1, cy + r + length // 2, cx)]
+
+
+def _stem_mask(size: int, r: int, cy: int, cx: int) -> np.ndarray:
+    """The stem's bar, from the body's centre down past its bottom (the body hides the top)."""
+    length, half_width = _stem_size(r)
+    y, x = np.mgrid[:size, :size]
+    return (y > cy) & (y <= cy + r + length) & (abs(x - cx) <= half_width)
 
 
 def _shape_mask(shape: str, size: int, r: int, cy: int, cx: int) -> np.ndarray:
