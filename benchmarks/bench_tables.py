@@ -3,8 +3,12 @@
 store's per-chunk tables (``merge_tables``). Random statistics shaped like VGG16's deep conv
 layers (relevance signed, activations rectified: many tied zeros); medians of several runs.
 
+With ``--analysis N``, also ``analyze_dataset`` end to end on N random 64x64 images
+(VGG16, 10 classes, three layers of 512 channels, chunks of ``--rows``), with the tables
+(k=32, k_class=8) and without (k=0): the share the tables take of a CPU pass.
+
     python benchmarks/bench_tables.py [--rows 256] [--concepts 512] [--layers 3]
-        [--classes 10 1000] [--chunks 40] [--repeats 5] [--label before]
+        [--classes 10 1000] [--chunks 40] [--repeats 5] [--analysis 0] [--label before]
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_featvis import LAYERS, vgg16
 from common import REPO, machine_info, markdown_table, median, write_json
+from torch.utils.data import TensorDataset
 
-from crp_toolkit.store.analysis import layer_tables
+import crp_toolkit as ct
+from crp_toolkit.store.analysis import analyze_dataset, layer_tables
 from crp_toolkit.store.tables import merge_tables
 from crp_toolkit.store.zarr_store import Layout, create_or_resume, write_chunk
 
@@ -42,7 +49,7 @@ def chunk_arrays(layout: Layout, chunk: int, rng: np.random.Generator) -> dict[s
 def layout_for(args, classes: int) -> Layout:
     layers = {f"layer{i}": (args.concepts, 14, 14) for i in range(args.layers)}
     return Layout(
-        args.chunks * args.rows, args.rows, classes, layers, k=args.k, k_class=args.k_class
+        max(args.chunks, 1) * args.rows, args.rows, classes, layers, k=args.k, k_class=args.k_class
     )
 
 
@@ -75,6 +82,31 @@ def time_merge(layout: Layout, repeats: int, rng: np.random.Generator) -> list[f
         return runs
 
 
+def time_analysis(n: int, chunk: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of ``analyze_dataset`` over ``n`` images with and without the tables."""
+    analyzer = ct.LRP(ct.canonize(vgg16(10)), ct.composites.EpsilonPlusFlat())
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.rand(n, 3, 64, 64, generator=gen), torch.randint(0, 10, (n,)))
+    runs: dict[str, list[float]] = {"tables": [], "no tables": []}
+    for _ in range(repeats):
+        for name, k in (("tables", {}), ("no tables", {"k": 0, "k_class": 0})):
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.perf_counter()
+                analyze_dataset(
+                    analyzer,
+                    data,
+                    LAYERS,
+                    Path(tmp) / "s.zarr",
+                    dataset_description="bench",
+                    chunk=chunk,
+                    loader_options={"num_workers": 0},
+                    progress=False,
+                    **k,
+                )
+                runs[name].append(time.perf_counter() - start)
+    return runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rows", type=int, default=256)
@@ -85,7 +117,8 @@ def main() -> None:
     p.add_argument("--k-class", type=int, default=8)
     p.add_argument("--chunks", type=int, default=40, help="chunks of the merged store (0: none)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--merge-repeats", type=int, default=3)
+    p.add_argument("--merge-repeats", type=int, default=3, help="runs of merge and analysis")
+    p.add_argument("--analysis", type=int, default=0, help="images of the end-to-end run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--label", default="current", help="names the JSON file: tables_<label>")
     args = p.parse_args()
@@ -100,12 +133,18 @@ def main() -> None:
         merged = f"{median(merge):.2f}" if merge else "-"
         rows.append([classes, f"{median(chunk):.3f}", f"{median(chunk) / args.layers:.3f}", merged])
     header = ["classes", "chunk_tables s/chunk", "per layer", f"merge s ({args.chunks} chunks)"]
-    out = REPO / "benchmarks" / "results" / f"tables_{args.label}.json"
-    setting = vars(args)
+    report = markdown_table(header, rows)
+    out = {"machine": machine_info(torch.device("cpu")), "setting": vars(args)}
+    if args.analysis:
+        out["analysis_seconds"] = time_analysis(args.analysis, args.rows, args.merge_repeats)
+        speed = {name: args.analysis / median(t) for name, t in out["analysis_seconds"].items()}
+        report += "\n\nanalyze_dataset img/s: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in speed.items()
+        )
     write_json(
-        out, {"machine": machine_info(torch.device("cpu")), "setting": setting, "results": results}
+        REPO / "benchmarks" / "results" / f"tables_{args.label}.json", out | {"results": results}
     )
-    print(markdown_table(header, rows))
+    print(report)
 
 
 if __name__ == "__main__":

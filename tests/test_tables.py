@@ -11,18 +11,21 @@ from conftest import Images
 
 import crp_toolkit as ct
 from crp_toolkit.mining.references import class_references, reference_samples
-from crp_toolkit.store.analysis import analyze_dataset
+from crp_toolkit.store import tables
+from crp_toolkit.store.analysis import analyze_dataset, layer_tables
 from crp_toolkit.store.results import read_result
 from crp_toolkit.store.tables import (
+    SOURCES,
     SPECS,
     class_table_name,
     merge_tables,
     scores,
     table_name,
 )
-from crp_toolkit.store.zarr_store import StoreMismatchError
+from crp_toolkit.store.zarr_store import Layout, StoreMismatchError, create_or_resume, write_chunk
 
 K, K_CLASS, BROKEN, LAYERS = 12, 3, {3, 40}, ["conv2", "linear1"]
+KINDS = ("samples", "scores")
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +124,51 @@ def test_class_references_equal_brute_force_beyond_the_stored_tables(stores):
         samples, best = brute_top(np.where((labels == y)[:, None], values, -np.inf), K_CLASS + 2)
         np.testing.assert_array_equal(table.samples[y], samples)
         np.testing.assert_array_equal(table.scores[y], best)
+
+
+def tied_statistics(rng, rows: int, concepts: int) -> dict[str, np.ndarray]:
+    """Statistics full of ties: a few small integers, signed zeros, NaN and -inf."""
+    stats = {}
+    for stat in SOURCES.values():
+        values = rng.integers(-1, 3, (rows, concepts)).astype(np.float32)
+        values[rng.random(values.shape) < 0.2] = -0.0
+        values[rng.random(values.shape) < 0.03] = np.nan
+        values[rng.random(values.shape) < 0.03] = -np.inf
+        stats[stat] = values
+    return stats
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # -inf / inf normalising
+@pytest.mark.parametrize("n_classes", [3, 40])
+def test_merge_of_tied_chunks_equals_a_stable_sort(n_classes, tmp_path, monkeypatch):
+    """Chunks of 8 rows (some with fewer valid rows than k or none, most missing some
+    classes), merged one chunk per block (each pruned against the tables so far), equal a
+    stable sort of the whole matrix bit for bit, signed zeros included."""
+    monkeypatch.setattr(tables, "MERGE_BUDGET", 1)
+    rng = np.random.default_rng(n_classes)
+    layout = Layout(61, 8, n_classes, {"l": (5,)}, k=6, k_class=3)
+    stats = tied_statistics(rng, 61, 5)
+    labels = rng.integers(0, n_classes, 61)
+    valid = rng.random(61) < 0.8
+    valid[16:24] = False  # a chunk without a single sample
+    group = create_or_resume(tmp_path / "s.zarr", layout, {})
+    for c in range(layout.n_chunks):
+        rows = slice(layout.rows(c).start, layout.rows(c).stop)
+        arrays = {"samples/label": labels[rows], "samples/valid": valid[rows]}
+        arrays |= {f"layers/l/{stat}": values[rows] for stat, values in stats.items()}
+        write_chunk(group, layout, c, arrays | layer_tables(layout, c, arrays))
+    merge_tables(tmp_path / "s.zarr")
+    for spec in SPECS:
+        values = scores(stats[spec.stat], spec, 1)
+        values[~valid[:, None] | np.isnan(values)] = -np.inf
+        table = read_result(tmp_path / "s.zarr", table_name("l", spec))
+        for kind, want in zip(KINDS, brute_top(values, 6)):
+            assert table[kind].tobytes() == want.tobytes(), spec.name
+        per_class = read_result(tmp_path / "s.zarr", class_table_name("l", spec))
+        for y in range(n_classes):
+            in_class = np.where((labels == y)[:, None], values, -np.inf)
+            for kind, want in zip(KINDS, brute_top(in_class, 3)):
+                assert per_class[kind][y].tobytes() == want.tobytes(), (spec.name, y)
 
 
 def test_tables_off_and_merge_rules(stores, analyzer, fashion_data, tmp_path):

@@ -90,73 +90,151 @@ def _pad_rows(samples: np.ndarray, values: np.ndarray, rows: int):
     )
 
 
-def _tie_keys(samples: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The sort keys that break ties: none when ``samples`` is one id per row in ascending
-    order (a chunk's rows; the sorts are stable), else the sample ids themselves."""
-    return () if samples.ndim == 1 else (samples,)
+def _lines(per_row: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``per_row`` ((rows,) or (rows, concepts), beside ``values``) as contiguous lines
+    (concepts, rows): what the sorts work on, one column of ``values`` per line."""
+    return np.ascontiguousarray(np.broadcast_to(per_row.reshape(len(values), -1), values.shape).T)
+
+
+def _flat(order: np.ndarray) -> np.ndarray:
+    """Positions within each line as indices into the raveled lines (for np.take)."""
+    return order + np.arange(len(order))[:, None] * order.shape[1]
+
+
+def _lex_order(major: np.ndarray, minor: np.ndarray) -> np.ndarray:
+    """The flat order of every line's entries by (major, minor): integer keys, ``minor`` at
+    least -1 and distinct within a line wherever the order matters."""
+    minor = minor + 1
+    return _flat(np.argsort(major * (int(minor.max(initial=0)) + 1) + minor, axis=1))
+
+
+def _by_score(samples: np.ndarray, values: np.ndarray):
+    """Every column's entries best first, ties to the lower sample, as lines (concepts,
+    rows): their flat indices into the lines, samples (-1: padding) and scores (-inf:
+    padding). ``samples`` is (rows,), ascending apart from padding (position breaks ties),
+    or (rows, concepts)."""
+    ids = _lines(samples, values)
+    lines = np.ascontiguousarray(np.where(_padding(ids, values.T), -np.inf, values.T))
+    order = _flat(np.argsort(-lines, axis=1))  # fast but not stable: ties are fixed below
+    ordered = np.take(lines, order)
+    runs = np.zeros(order.shape, dtype=np.int64)  # each run of equal scores numbered
+    np.cumsum(ordered[:, 1:] != ordered[:, :-1], axis=1, out=runs[:, 1:])
+    tie = order if samples.ndim == 1 else np.take(ids, order)
+    fix = _lex_order(runs, tie)  # mostly in place: the gathers below stay local
+    order, best = np.take(order, fix), np.take(ordered, fix)
+    found = np.take(ids, order) if samples.ndim == 1 else np.take(tie, fix)
+    return order, np.where(best > -np.inf, found, -1).astype(np.int64, copy=False), best
+
+
+def _top(found: np.ndarray, best: np.ndarray, k: int):
+    """The first ``k`` of entries sorted by ``_by_score``: (samples, scores), each (k,
+    concepts)."""
+    return _pad_rows(found[:, :k].T, best[:, :k].T, k)
 
 
 def top_k(samples: np.ndarray, values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best entries of every column of ``values`` (rows x concepts), best first,
     ties to the lower sample: (samples, scores), each (k, concepts), padded with -1 / -inf.
     ``samples`` is (rows,), ascending apart from padding, or (rows, concepts)."""
-    keys = _tie_keys(samples)
-    samples = np.broadcast_to(samples.reshape(len(values), -1), values.shape)
-    values = np.where(_padding(samples, values), -np.inf, values)
-    order = np.lexsort((*keys, -values), axis=0)[:k]
-    best = np.take_along_axis(values, order, 0)
-    found = np.take_along_axis(samples, order, 0).astype(np.int64)
-    found[~(best > -np.inf)] = -1
-    return _pad_rows(found, best, k)
+    return _top(*_by_score(samples, values)[1:], k)
+
+
+def _counted(found: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Each entry's class, ``n_classes`` where it does not count (padding, or a class outside
+    0..n_classes-1)."""
+    return np.where((found >= 0) & (classes >= 0) & (classes < n_classes), classes, n_classes)
+
+
+def _rank_in_runs(key: np.ndarray) -> np.ndarray:
+    """Each entry's position within its run of equal ``key`` along its line."""
+    position = np.arange(key.shape[1])
+    first = np.ones(key.shape, dtype=bool)
+    first[:, 1:] = key[:, 1:] != key[:, :-1]
+    return position - np.maximum.accumulate(np.where(first, position, 0), axis=1)
+
+
+def _by_class(order, found, best, classes, n_classes: int):
+    """Entries sorted by ``_by_score`` re-sorted by (class, -score, sample): their samples,
+    scores, class (``_counted``) and rank within their class, as lines."""
+    key = _counted(found, np.take(_lines(classes, best.T), order), n_classes)
+    small = key.astype(np.min_scalar_type(n_classes))  # a radix sort for up to 65535 classes
+    fix = _flat(np.argsort(small, axis=1, kind="stable"))  # stable: by score within a class
+    found, best, key = (np.take(a, fix) for a in (found, best, key))
+    return found, best, key, _rank_in_runs(key)
 
 
 def _class_ranked(samples, values, classes, n_classes: int):
-    """Entries of every column sorted by (class, -score, sample), each one's rank within its
-    class, and whether it counts (a real sample with a class in 0..n_classes-1)."""
-    keys = _tie_keys(samples)
-    samples = np.broadcast_to(samples.reshape(len(values), -1), values.shape)
-    classes = np.broadcast_to(classes.reshape(len(values), -1), values.shape)
-    counts = ~_padding(samples, values) & (classes >= 0) & (classes < n_classes)
-    key = np.where(counts, classes, n_classes)  # what does not count sorts last
-    order = np.lexsort((*keys, -np.where(counts, values, -np.inf), key), axis=0)
-    key = np.take_along_axis(key, order, 0)
-    position = np.arange(len(values))[:, None]
-    first = np.ones(key.shape, dtype=bool)
-    first[1:] = key[1:] != key[:-1]
-    rank = position - np.maximum.accumulate(np.where(first, position, 0), axis=0)
-    return (
-        np.take_along_axis(samples, order, 0).astype(np.int64),
-        np.take_along_axis(values, order, 0),
-        key,
-        rank,
-        key < n_classes,
-    )
+    """``_by_class`` of unsorted entries (like ``top_k``'s) with their ``classes``."""
+    return _by_class(*_by_score(samples, values), classes, n_classes)
+
+
+def _pack(keep: np.ndarray, found: np.ndarray, best: np.ndarray, rows: int):
+    """The kept entries of every line, in order, moved to the front of ``rows`` rows (-1 /
+    -inf after them): (rows, concepts) each."""
+    slot = np.cumsum(keep, axis=1) - 1
+    keep = keep & (slot < rows)
+    where = (slot + np.arange(len(keep))[:, None] * rows)[keep]
+    out_samples = np.full((len(keep), rows), -1, dtype=np.int64)
+    out_scores = np.full(out_samples.shape, -np.inf)
+    out_samples.ravel()[where], out_scores.ravel()[where] = found[keep], best[keep]
+    return out_samples.T, out_scores.T
+
+
+def _candidates(found, best, key, rank, k_class: int, rows: int, n_classes: int):
+    """From entries sorted by ``_by_class``, each class's first ``k_class`` of every column
+    moved to the front of ``rows`` rows: (rows, concepts) each."""
+    return _pack((key < n_classes) & (rank < k_class), found, best, rows)
 
 
 def class_candidates(samples, values, classes, k_class: int, rows: int, n_classes: int):
     """Per column, each class's ``k_class`` best entries, sorted by (class, -score), as the
     first of ``rows`` rows (-1 / -inf after them): the compact per-class table of a part of
     the data. ``classes`` gives each entry's class (like ``samples``)."""
-    found, best, _, rank, counts = _class_ranked(samples, values, classes, n_classes)
-    keep = counts & (rank < k_class)
-    first = np.argsort(~keep, axis=0, kind="stable")[:rows]
-    keep = np.take_along_axis(keep, first, 0)
-    found = np.where(keep, np.take_along_axis(found, first, 0), -1)
-    best = np.where(keep, np.take_along_axis(best, first, 0), -np.inf)
-    return _pad_rows(found, best, rows)
+    ranked = _class_ranked(samples, values, classes, n_classes)
+    return _candidates(*ranked, k_class, rows, n_classes)
+
+
+def _dense(found, best, key, rank, k_class: int, n_classes: int):
+    """Entries ranked as ``_by_class`` gives them as the dense per-class table."""
+    keep = (key < n_classes) & (rank < k_class)
+    column = np.broadcast_to(np.arange(len(key))[:, None], key.shape)
+    out_samples = np.full((n_classes, k_class, len(key)), -1, dtype=np.int64)
+    out_scores = np.full(out_samples.shape, -np.inf)
+    where = key[keep], rank[keep], column[keep]
+    out_samples[where], out_scores[where] = found[keep], best[keep]
+    return out_samples, out_scores
 
 
 def class_table(samples, values, classes, k_class: int, n_classes: int):
     """The dense per-class table: (samples, scores), each (n_classes, k_class, concepts),
     best first within each class, -1 / -inf where a class has fewer samples."""
-    found, best, key, rank, counts = _class_ranked(samples, values, classes, n_classes)
-    keep = counts & (rank < k_class)
-    column = np.broadcast_to(np.arange(values.shape[1]), values.shape)
-    out_samples = np.full((n_classes, k_class, values.shape[1]), -1, dtype=np.int64)
-    out_scores = np.full(out_samples.shape, -np.inf)
-    where = key[keep], rank[keep], column[keep]
-    out_samples[where], out_scores[where] = found[keep], best[keep]
-    return out_samples, out_scores
+    return _dense(*_class_ranked(samples, values, classes, n_classes), k_class, n_classes)
+
+
+def _ranked_candidates(samples, values, classes, n_classes: int):
+    """A ``class_candidates`` table (already in order: no sort) ranked as ``_by_class``."""
+    key = _counted(samples.T, classes.T, n_classes)
+    return samples.T, values.T, key, _rank_in_runs(key)
+
+
+def _class_floor(samples, values, block: np.ndarray, labels, k_class: int, n_classes: int):
+    """Per entry of a block of samples (rows, concepts): the ``k_class``-th best score of its
+    class and concept in a ``class_candidates`` table (``samples``, ``values``), -inf while
+    that holds fewer or where the entry does not count (the reduction drops it)."""
+    _, best, key, rank = _ranked_candidates(samples, values, class_of(labels, samples), n_classes)
+    kth = np.full((n_classes + 1, len(key)), -np.inf)
+    at = rank == k_class - 1
+    kth[key[at], np.nonzero(at)[0]] = best[at]
+    classes = _counted(block, class_of(labels, block), n_classes)
+    return kth[classes, np.arange(block.shape[1])]
+
+
+def _above(samples: np.ndarray, values: np.ndarray, floor) -> tuple[np.ndarray, np.ndarray]:
+    """The real entries of every column scoring at least ``floor`` (broadcast against
+    ``values``), packed to the top of as few rows as hold them: all that can still enter a
+    table of k entries whose k-th best score is ``floor``."""
+    keep = ((samples >= 0) & (values >= floor) & (values > -np.inf)).T
+    return _pack(keep, samples.T, values.T, int(keep.sum(1).max(initial=0)))
 
 
 def class_of(labels: np.ndarray, samples: np.ndarray) -> np.ndarray:
@@ -183,11 +261,13 @@ def chunk_tables(
     parts: dict[str, list[np.ndarray]] = {}
     for spec in SPECS:
         values = scores(stats[spec.stat], spec, positions)
+        ranked = _by_score(samples, values)  # one sort serves both tables
         found = {}
         if k:
-            found["top"] = top_k(samples, values, k)
+            found["top"] = _top(*ranked[1:], k)
         if k_class:
-            found["class"] = class_candidates(samples, values, labels, k_class, entries, n_classes)
+            by_class = _by_class(*ranked, labels, n_classes)
+            found["class"] = _candidates(*by_class, k_class, entries, n_classes)
         for kind, (s, v) in found.items():
             parts.setdefault(f"{kind}_samples", []).append(s.astype(np.int32))
             parts.setdefault(f"{kind}_scores", []).append(v)
@@ -206,11 +286,15 @@ def class_table_name(layer: str, spec: Spec) -> str:
 
 
 Reduce = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+Floor = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
-def _fold(group: zarr.Group, prefix: str, reduce: Reduce) -> list[tuple[np.ndarray, np.ndarray]]:
+def _fold(
+    group: zarr.Group, prefix: str, reduce: Reduce, floor: Floor
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per spec, ``reduce`` folded over the chunk tables ``<prefix>_samples/_scores``, read in
-    blocks of chunks of at most MERGE_BUDGET bytes."""
+    blocks of chunks of at most MERGE_BUDGET bytes; of each block only the entries at least
+    ``floor(running samples, running scores, block samples)`` join the running table."""
     samples, values = group[f"{prefix}_samples"], group[f"{prefix}_scores"]
     n_chunks, n_specs, rows, concepts = samples.shape
     block = max(1, MERGE_BUDGET // (n_specs * rows * concepts * 12))
@@ -222,6 +306,7 @@ def _fold(group: zarr.Group, prefix: str, reduce: Reduce) -> list[tuple[np.ndarr
             s = s_block[:, i].reshape(-1, concepts)
             v = v_block[:, i].reshape(-1, concepts)
             if running[i] is not None:
+                s, v = _above(s, v, floor(*running[i], s))
                 s, v = np.concatenate([running[i][0], s]), np.concatenate([running[i][1], v])
             running[i] = reduce(s, v)
     return running  # type: ignore[return-value]
@@ -241,19 +326,27 @@ def merge_tables(path: str | Path) -> None:
     def top(s: np.ndarray, v: np.ndarray):
         return top_k(s, v, k)
 
+    def top_floor(_, v: np.ndarray, __) -> np.ndarray:
+        return v[k - 1]  # each concept's k-th best so far
+
     def per_class(s: np.ndarray, v: np.ndarray):
         rows = min(n_classes * k_class, len(s))  # no more than the entries at hand
         return class_candidates(s, v, class_of(labels, s), k_class, rows, n_classes)
+
+    def class_floor(s: np.ndarray, v: np.ndarray, block: np.ndarray) -> np.ndarray:
+        return _class_floor(s, v, block, labels, k_class, n_classes)
 
     for layer in attrs["layers"]:
         tables = group[f"layers/{layer}/tables"]
         meta = {"layer": layer, "k": k, "k_class": k_class}
         if k:
-            for spec, (s, v) in zip(SPECS, _fold(tables, "top", top), strict=True):
+            for spec, (s, v) in zip(SPECS, _fold(tables, "top", top, top_floor), strict=True):
                 _write(path, table_name(layer, spec), s, v, ("rank", "concept"), spec, meta)
         if k_class:
-            for spec, (s, v) in zip(SPECS, _fold(tables, "class", per_class), strict=True):
-                s, v = class_table(s, v, class_of(labels, s), k_class, n_classes)
+            merged = _fold(tables, "class", per_class, class_floor)
+            for spec, (s, v) in zip(SPECS, merged, strict=True):
+                ranked = _ranked_candidates(s, v, class_of(labels, s), n_classes)
+                s, v = _dense(*ranked, k_class, n_classes)
                 dims = ("class", "rank", "concept")
                 _write(path, class_table_name(layer, spec), s, v, dims, spec, meta)
     group.attrs["tables_merged"] = True
