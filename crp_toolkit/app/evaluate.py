@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from crp_toolkit.app.mine import mine_layer
 from crp_toolkit.app.stages import class_names, load, open_store
 from crp_toolkit.atlas.figures import FigureStyle, save_figure
 from crp_toolkit.atlas.sheets import grouped_bars_figure
 from crp_toolkit.mining.discovery import DiscoveryScores, score_discovery
-from crp_toolkit.mining.statistics import ClassStatistics, class_statistics, load_result
 
 log = logging.getLogger("crp_toolkit")
 
@@ -28,9 +28,7 @@ def evaluate(cfg: DictConfig, out: Path) -> None:
     style = FigureStyle(**{k: cfg.atlas[k] for k in FIGURE_KEYS})
     report, tables = {}, []
     for layer in store.layers:
-        stats = load_result(store, ClassStatistics, f"statistics/{layer}") or class_statistics(
-            store, layer, k=cfg.mining.k, target=cfg.mining.target, normalised=cfg.mining.normalised
-        )
+        stats = mine_layer(cfg.mining, loaded, store, layer, reuse=True).stats
         scores = score_discovery(
             loaded.analyzer,
             loaded.dataset,
