@@ -108,11 +108,12 @@ def test_boxes_crops_and_dimmed_views(analyzer, dataset, store):
             assert 0 <= y0 < y1 <= 28 and 0 <= x0 < x1 <= 28  # inside the image
             assert y0 <= box[0] and box[1] <= y1 and x0 <= box[2] and box[3] <= x1  # holds the box
             image = dataset[int(found.samples[r, j])][0].numpy()
-            np.testing.assert_allclose(found.crops[r, j], image[:, y0:y1, x0:x1], atol=1e-6)
+            crop = image[:, y0:y1, x0:x1]  # kept as float16 for display
+            np.testing.assert_array_equal(found.crops[r, j], crop.astype(np.float16))
             heat = found.heatmaps[r, j]
             bright = heat >= view.threshold * heat.max()
             expected = image * np.where(bright, 1.0, view.dim)
-            np.testing.assert_allclose(found.dimmed[r, j], expected, rtol=1e-6)
+            np.testing.assert_allclose(found.dimmed[r, j], expected, rtol=1e-3)
     assert found.crops.shape == (3, 3, 1, 5, 5) and found.dimmed.shape == (3, 3, 1, 28, 28)
 
 

@@ -269,7 +269,8 @@ class LocalisedReferences:
     ``positions`` (k, n, spatial axes of the layer): the concept's maximal neuron;
     ``heatmaps`` (k, n, H, W): conditional heatmaps; ``boxes``/``windows`` (k, n, 4):
     receptive field and crop window as (y0, y1, x0, x1), half-open; ``crops``
-    (k, n, C, S, S); ``dimmed`` (k, n, C, H, W). ``from_cache``: read back from the store.
+    (k, n, C, S, S) and ``dimmed`` (k, n, C, H, W), float16 images for display.
+    ``from_cache``: read back from the store.
     """
 
     layer: str
@@ -374,8 +375,9 @@ def localise_references(
         "heatmaps": heatmaps.reshape(*shape, height, width).numpy(),
         "boxes": boxes.reshape(*shape, 4),
         "windows": windows.reshape(*shape, 4),
-        "crops": crops.reshape(*shape, *crops.shape[1:]).numpy(),
-        "dimmed": dimmed.reshape(*shape, *dimmed.shape[1:]).numpy(),
+        # views are for display: float16 halves the cache (heatmaps stay float32)
+        "crops": crops.reshape(*shape, *crops.shape[1:]).numpy().astype(np.float16),
+        "dimmed": dimmed.reshape(*shape, *dimmed.shape[1:]).numpy().astype(np.float16),
     }
     if cache:
         write_result(store.path, name, arrays, dims=_ARRAYS, attrs={"key": key, **meta})
