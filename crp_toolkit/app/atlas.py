@@ -77,6 +77,7 @@ def atlas(cfg: DictConfig, out: Path) -> None:
 
 
 def figure_style(cfg: DictConfig) -> FigureStyle:
+    """The figures' look and formats from the ``atlas`` config group."""
     return FigureStyle(**{k: cfg.atlas[k] for k in FIGURE_KEYS})
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from crp_toolkit.app.atlas import figure_style
 from crp_toolkit.app.mine import mine_layer
 from crp_toolkit.app.stages import class_names, load, open_store
 from crp_toolkit.atlas.figures import FigureStyle, save_figure
@@ -25,7 +26,7 @@ def evaluate(cfg: DictConfig, out: Path) -> None:
     folder = out / "evaluate"
     folder.mkdir(parents=True, exist_ok=True)
     names = class_names(loaded.dataset, store.classes)
-    style = FigureStyle(**{k: cfg.atlas[k] for k in FIGURE_KEYS})
+    style = figure_style(cfg)
     report, tables = {}, []
     for layer in store.layers:
         stats = mine_layer(cfg.mining, loaded, store, layer, reuse=True).stats
@@ -46,9 +47,6 @@ def evaluate(cfg: DictConfig, out: Path) -> None:
     (folder / "scores.json").write_text(json.dumps(report, indent=2))
     for layer, found in report.items():
         log.info("%s: %s", layer, {k: v for k, v in found.items() if k != "scores"})
-
-
-FIGURE_KEYS = ("width", "dpi", "font_size", "cmap", "palette", "formats")
 
 
 def summary(scores: DiscoveryScores) -> dict:
