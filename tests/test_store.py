@@ -296,3 +296,29 @@ def test_relevance_maps_sum_to_the_concept_relevance(analyzer, fashion_data, tmp
             chunk=16,
             progress=False,
         )
+
+
+def test_a_chunk_explained_in_smaller_batches_gives_the_same_store(analyzer, dataset, tmp_path):
+    def run(name, **options):
+        path = tmp_path / name
+        analyze_dataset(
+            analyzer,
+            dataset,
+            ["conv2", "linear1"],
+            path,
+            dataset_description="batches",
+            chunk=32,
+            progress=False,
+            loader_options=options,
+        )
+        return zarr.open_group(path, mode="r")
+
+    whole, split = run("whole.zarr"), run("split.zarr", batch_size=5)
+    for array in (
+        "samples/logits",
+        "samples/valid",
+        "layers/conv2/relevance",
+        "layers/linear1/act_max",
+    ):
+        # float32 convolutions round differently with the batch size
+        np.testing.assert_allclose(split[array][:], whole[array][:], rtol=1e-4, atol=1e-6)

@@ -120,6 +120,18 @@ def analyze_batch(
     return out
 
 
+def analyze_chunk(
+    analyzer: LRP, x: Tensor, labels: Tensor, layout: Layout, explain: str, batch_size: int
+) -> dict[str, np.ndarray]:
+    """``analyze_batch`` over a chunk's images ``batch_size`` at a time (a chunk is the unit
+    written to the store; the batch bounds the memory of one pass)."""
+    parts = [
+        analyze_batch(analyzer, x[s : s + batch_size], labels[s : s + batch_size], layout, explain)
+        for s in range(0, len(x), batch_size)
+    ]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
 def layer_tables(layout: Layout, chunk: int, arrays: Mapping[str, np.ndarray]):
     """The per-chunk reference tables of every layer from the chunk's rows of ``arrays``."""
     out = {}
@@ -163,7 +175,8 @@ def analyze_dataset(
 ) -> Path:
     """Run the analysis pass into the store at ``path`` (created, or resumed). With
     ``shards > 1`` this process does the chunks ``c`` with ``c % shards == shard``; shards may
-    run at the same time (each writes only its own chunks).
+    run at the same time (each writes only its own chunks). A chunk is read whole and explained
+    ``loader_options["batch_size"]`` samples at a time (the whole chunk at once without it).
 
     ``k`` / ``k_class``: sizes of the streaming reference tables (per concept, and per class
     and concept; 0 disables), merged by whichever process finds the store complete.
@@ -211,6 +224,7 @@ def analyze_dataset(
     group = create_or_resume(path, layout, provenance)
     finished = done_chunks(group)
     todo = [c for c in range(shard, layout.n_chunks, shards) if c not in finished]
+    batch_size = (loader_options or {}).get("batch_size") or chunk
     for c in tqdm(todo, desc="analyze", unit="chunk", disable=not progress):
         rows = layout.rows(c)
         options = {**(loader_options or {}), "batch_size": chunk}
@@ -219,7 +233,7 @@ def analyze_dataset(
         if batch.indices:
             at = np.array(batch.indices) - rows.start
             images = batch.images.to(device)
-            found = analyze_batch(analyzer, images, batch.labels, layout, explain)
+            found = analyze_chunk(analyzer, images, batch.labels, layout, explain, batch_size)
             for key, values in found.items():
                 arrays[key][at] = values
         if layout.k or layout.k_class:
