@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import FASHION_DIR, FASHION_OVERRIDES, Images
+from conftest import FASHION_DIR, FASHION_OVERRIDES, Images, cli
 
 import crp_toolkit as ct
 from crp_toolkit.mining import reference_samples
@@ -174,25 +174,14 @@ def _assert_same_store(a_path: Path, b_path: Path) -> None:
 @pytest.fixture(scope="module")
 def single_store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
-    cmd = [
-        sys.executable,
-        "-m",
-        "crp_toolkit",
-        "analyze",
-        *_fashion_overrides(tmp / "s.zarr"),
-        f"hydra.run.dir={tmp / 'run'}",
-    ]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    run = cli("analyze", *_fashion_overrides(tmp / "s.zarr"), f"hydra.run.dir={tmp / 'run'}")
     assert run.returncode == 0, run.stderr
     return tmp / "s.zarr"
 
 
 def test_two_shards_in_a_joblib_multirun_give_the_single_process_result(single_store, tmp_path):
     store = tmp_path / "sharded.zarr"
-    cmd = [
-        sys.executable,
-        "-m",
-        "crp_toolkit",
+    run = cli(
         "analyze",
         "--multirun",
         "hydra/launcher=joblib",
@@ -201,8 +190,7 @@ def test_two_shards_in_a_joblib_multirun_give_the_single_process_result(single_s
         "analysis.shard=0,1",
         *_fashion_overrides(store),
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
-    ]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    )
     assert run.returncode == 0, run.stderr
     assert "Joblib" in run.stdout + run.stderr
     _assert_same_store(single_store, store)
