@@ -7,8 +7,15 @@ With ``--analysis N``, also ``analyze_dataset`` end to end on N random 64x64 ima
 (VGG16, 10 classes, three layers of 512 channels, chunks of ``--rows``), with the tables
 (k=32, k_class=8) and without (k=0): the share the tables take of a CPU pass.
 
+With ``--pipeline N``, ``analyze_dataset`` on N inputs through a network of almost no compute
+whose layers are shaped like VGG16's deepest (``--layers`` depthwise convolutions of
+``--concepts`` channels at 14x14), for each of ``--classes``: the images per second the pass
+itself sustains around a network (loading, statistics, tables, writing, merge), i.e. the
+ceiling a fast accelerator would meet; with the tables and without.
+
     python benchmarks/bench_tables.py [--rows 256] [--concepts 512] [--layers 3]
-        [--classes 10 1000] [--chunks 40] [--repeats 5] [--analysis 0] [--label before]
+        [--classes 10 1000] [--chunks 40] [--repeats 5] [--analysis 0] [--pipeline 0]
+        [--label before]
 """
 
 from __future__ import annotations
@@ -107,6 +114,53 @@ def time_analysis(n: int, chunk: int, repeats: int) -> dict[str, list[float]]:
     return runs
 
 
+class Cheap(torch.nn.Module):
+    """Layers shaped like VGG16's deepest (channels x 14 x 14), with almost no compute."""
+
+    def __init__(self, channels: int, layers: int, classes: int) -> None:
+        super().__init__()
+        convs = [torch.nn.Conv2d(channels, channels, 3, padding=1, groups=channels)]
+        self.features = torch.nn.Sequential(
+            *[m for _ in range(layers) for m in (*convs, torch.nn.ReLU())]
+        )
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.classifier = torch.nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+def time_pipeline(args, classes: int) -> dict[str, list[float]]:
+    """Seconds of ``analyze_dataset`` over ``args.pipeline`` inputs through ``Cheap``, with
+    the tables and without, alternating."""
+    torch.manual_seed(0)
+    model = Cheap(args.concepts, args.layers, classes).eval()
+    analyzer = ct.LRP(model, ct.composites.EpsilonPlusFlat())
+    layers = [f"features.{2 * i + 1}" for i in range(args.layers)]
+    n = args.pipeline
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(n, args.concepts, 14, 14, generator=gen)
+    data = TensorDataset(x, torch.randint(0, classes, (n,), generator=gen))
+    runs: dict[str, list[float]] = {"tables": [], "no tables": []}
+    for _ in range(args.merge_repeats):
+        for name, k in (("tables", {}), ("no tables", {"k": 0, "k_class": 0})):
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.perf_counter()
+                analyze_dataset(
+                    analyzer,
+                    data,
+                    layers,
+                    Path(tmp) / "s.zarr",
+                    dataset_description="bench",
+                    chunk=args.rows,
+                    loader_options={"num_workers": 0, "batch_size": 64},
+                    progress=False,
+                    **k,
+                )
+                runs[name].append(time.perf_counter() - start)
+    return runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rows", type=int, default=256)
@@ -119,6 +173,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--merge-repeats", type=int, default=3, help="runs of merge and analysis")
     p.add_argument("--analysis", type=int, default=0, help="images of the end-to-end run")
+    p.add_argument("--pipeline", type=int, default=0, help="inputs of the pipeline ceiling run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--label", default="current", help="names the JSON file: tables_<label>")
     args = p.parse_args()
@@ -140,6 +195,14 @@ def main() -> None:
         speed = {name: args.analysis / median(t) for name, t in out["analysis_seconds"].items()}
         report += "\n\nanalyze_dataset img/s: " + ", ".join(
             f"{k} {v:.1f}" for k, v in speed.items()
+        )
+    if args.pipeline:
+        pipeline = {classes: time_pipeline(args, classes) for classes in args.classes}
+        out["pipeline_seconds"] = pipeline
+        report += "\n\npipeline ceiling img/s (no network): " + "; ".join(
+            f"{classes} classes: "
+            + ", ".join(f"{k} {args.pipeline / median(t):.0f}" for k, t in runs.items())
+            for classes, runs in pipeline.items()
         )
     write_json(
         REPO / "benchmarks" / "results" / f"tables_{args.label}.json", out | {"results": results}

@@ -18,7 +18,9 @@ import zarr
 from conftest import FASHION_DIR, FASHION_OVERRIDES, Images, cli
 
 import crp_toolkit as ct
+from crp_toolkit.data.loading import grouped
 from crp_toolkit.mining import reference_samples
+from crp_toolkit.store import analysis
 from crp_toolkit.store.analysis import analyze_dataset
 from crp_toolkit.store.zarr_store import StoreMismatchError
 
@@ -310,3 +312,44 @@ def test_a_chunk_explained_in_smaller_batches_gives_the_same_store(analyzer, dat
     ):
         # float32 convolutions round differently with the batch size
         np.testing.assert_allclose(split[array][:], whole[array][:], rtol=1e-4, atol=1e-6)
+
+
+class _Pids(Images):
+    """Labels every sample with the id of the process that read it."""
+
+    def __getitem__(self, i):
+        return self.x[i], os.getpid()
+
+
+def test_one_loader_reads_every_chunk_with_workers_that_outlive_a_chunk(fashion_data):
+    """The chunks come from one DataLoader: two workers read all six groups (a loader per
+    chunk would start two new processes for each)."""
+    x, y = fashion_data
+    groups = [range(s, s + 10) for s in range(0, 60, 10)]
+    found = list(grouped(_Pids(x[:60], y[:60]), groups, num_workers=2))
+    assert [b.indices for b in found] == [list(g) for g in groups]
+    readers = {int(label) for b in found for label in b.labels}
+    assert len(readers) == 2 and os.getpid() not in readers
+
+
+def test_a_failed_write_stops_the_run_and_keeps_the_chunks_written(
+    analyzer, dataset, tmp_path, monkeypatch
+):
+    """Chunks are written in a thread beside the next chunk's pass: an error there ends the
+    run with that error, the chunks written before stay done, and a rerun finishes the store."""
+    real = analysis.write_chunk
+
+    def failing(group, layout, chunk, arrays):
+        if chunk == 2:
+            raise OSError("disk full")
+        real(group, layout, chunk, arrays)
+
+    monkeypatch.setattr(analysis, "write_chunk", failing)
+    options = {"dataset_description": "writes", "chunk": 16, "progress": False}
+    with pytest.raises(OSError, match="disk full"):
+        analyze_dataset(analyzer, dataset, ["conv2"], tmp_path / "s.zarr", **options)
+    done = zarr.open_group(tmp_path / "s.zarr", mode="r")["progress/done"][:]
+    assert done[:2].all() and not done[2]
+    monkeypatch.setattr(analysis, "write_chunk", real)
+    analyze_dataset(analyzer, dataset, ["conv2"], tmp_path / "s.zarr", **options)
+    assert ct.store.open(tmp_path / "s.zarr").complete

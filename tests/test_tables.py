@@ -157,14 +157,19 @@ def test_merge_of_tied_chunks_equals_a_stable_sort(n_classes, tmp_path, monkeypa
         arrays = {"samples/label": labels[rows], "samples/valid": valid[rows]}
         arrays |= {f"layers/l/{stat}": values[rows] for stat, values in stats.items()}
         write_chunk(group, layout, c, arrays | layer_tables(layout, c, arrays))
-    merge_tables(tmp_path / "s.zarr")
+    for workers in (1, 3):  # the specs merged one after another or side by side
+        merge_tables(tmp_path / "s.zarr", workers=workers)
+        _assert_stable_sort(tmp_path / "s.zarr", stats, labels, valid, n_classes)
+
+
+def _assert_stable_sort(path, stats, labels, valid, n_classes):
     for spec in SPECS:
         values = scores(stats[spec.stat], spec, 1)
         values[~valid[:, None] | np.isnan(values)] = -np.inf
-        table = read_result(tmp_path / "s.zarr", table_name("l", spec))
+        table = read_result(path, table_name("l", spec))
         for kind, want in zip(KINDS, brute_top(values, 6)):
             assert table[kind].tobytes() == want.tobytes(), spec.name
-        per_class = read_result(tmp_path / "s.zarr", class_table_name("l", spec))
+        per_class = read_result(path, class_table_name("l", spec))
         for y in range(n_classes):
             in_class = np.where((labels == y)[:, None], values, -np.inf)
             for kind, want in zip(KINDS, brute_top(in_class, 3)):

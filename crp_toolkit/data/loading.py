@@ -29,14 +29,13 @@ class _Tolerant(Dataset):
     """Wraps a dataset so a failing sample comes back as an error record, not an exception
     that would kill a DataLoader worker."""
 
-    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
-        self.dataset, self.indices = dataset, list(indices)
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.dataset)
 
-    def __getitem__(self, i: int):
-        index = self.indices[i]
+    def __getitem__(self, index: int):
         try:
             image, label = self.dataset[index]
         except Exception as err:  # any reader error: a corrupt file, a bad array...
@@ -54,27 +53,28 @@ def _collate(items):
     return Batch(images, labels, [i for i, _, _ in good], bad)
 
 
-def batches(
+def grouped(
     dataset: Dataset,
-    indices: Sequence[int] | None = None,
+    groups: Sequence[Sequence[int]],
     *,
-    batch_size: int = 64,
     num_workers: int = 0,
     pin_memory: bool = False,
     on_error: str = "skip",
 ):
-    """Yield :class:`Batch` es of ``dataset`` (in index order). Unreadable samples are
+    """Yield one :class:`Batch` per group of dataset indices, in order, all read by one
+    DataLoader (its workers live across groups and read ahead). Unreadable samples are
     listed in ``Batch.skipped`` (``on_error="skip"``) or raise UnreadableSampleError
     (``"fail"``) naming the sample and what went wrong."""
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
-    indices = range(len(dataset)) if indices is None else indices
-    bad = [i for i in indices if not 0 <= i < len(dataset)]
+    bad = [i for group in groups for i in group if not 0 <= i < len(dataset)]
     if bad:
         raise IndexError(f"indices {bad[:10]} out of range for a dataset of {len(dataset)}")
+    if not groups:
+        return
     loader = DataLoader(
-        _Tolerant(dataset, indices),
-        batch_size=batch_size,
+        _Tolerant(dataset),
+        batch_sampler=[list(group) for group in groups],
         num_workers=num_workers,
         pin_memory=pin_memory and torch.cuda.is_available(),
         collate_fn=_collate,
@@ -89,14 +89,28 @@ def batches(
         yield batch
 
 
+def batches(
+    dataset: Dataset,
+    indices: Sequence[int] | None = None,
+    *,
+    batch_size: int = 64,
+    **loader_options,
+):
+    """Yield :class:`Batch` es of ``batch_size`` of ``dataset`` (in index order); the
+    options are ``grouped``'s."""
+    indices = list(range(len(dataset)) if indices is None else indices)
+    groups = [indices[s : s + batch_size] for s in range(0, len(indices), batch_size)]
+    yield from grouped(dataset, groups, **loader_options)
+
+
 def first_readable(dataset: Dataset, tries: int = 64) -> Tensor:
     """The first sample image that can be read (for shape and class-count checks)."""
-    tolerant = _Tolerant(dataset, range(min(tries, len(dataset))))
-    for i in range(len(tolerant)):
+    tolerant, tries = _Tolerant(dataset), min(tries, len(dataset))
+    for i in range(tries):
         _, image, _ = tolerant[i]
         if image is not None:
             return image
-    raise UnreadableSampleError(f"none of the first {len(tolerant)} samples could be read")
+    raise UnreadableSampleError(f"none of the first {tries} samples could be read")
 
 
 def gather(dataset: Dataset, indices: Sequence[int], **loader_options) -> Batch:
@@ -111,4 +125,4 @@ def gather(dataset: Dataset, indices: Sequence[int], **loader_options) -> Batch:
     return Batch(images, labels, [i for b in kept for i in b.indices], skipped)
 
 
-__all__ = ["Batch", "UnreadableSampleError", "batches", "first_readable", "gather"]
+__all__ = ["Batch", "UnreadableSampleError", "batches", "first_readable", "gather", "grouped"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from tqdm import tqdm
 import crp_toolkit
 from crp_toolkit.concepts.concepts import ChannelConcept
 from crp_toolkit.concepts.conditional import propagate_conditioned
-from crp_toolkit.data.loading import first_readable, gather
+from crp_toolkit.data.loading import first_readable, grouped
 from crp_toolkit.engine.explanation import explain as explain_batch
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.store.tables import SOURCES, chunk_tables, merge_when_complete
@@ -152,6 +153,13 @@ def layer_tables(layout: Layout, chunk: int, arrays: Mapping[str, np.ndarray]):
     return out
 
 
+def finish_chunk(group: zarr.Group, layout: Layout, chunk: int, arrays: dict) -> None:
+    """Add the chunk's reference tables to its ``arrays`` and write it (marking it done)."""
+    if layout.k or layout.k_class:
+        arrays.update(layer_tables(layout, chunk, arrays))
+    write_chunk(group, layout, chunk, arrays)
+
+
 def analyze_dataset(
     analyzer: LRP,
     dataset: Dataset,
@@ -175,8 +183,9 @@ def analyze_dataset(
 ) -> Path:
     """Run the analysis pass into the store at ``path`` (created, or resumed). With
     ``shards > 1`` this process does the chunks ``c`` with ``c % shards == shard``; shards may
-    run at the same time (each writes only its own chunks). A chunk is read whole and explained
-    ``loader_options["batch_size"]`` samples at a time (the whole chunk at once without it).
+    run at the same time (each writes only its own chunks). A chunk is read whole (one loader
+    for all chunks, ``loader_options`` its settings) and explained ``loader_options["batch_size"]``
+    samples at a time (the whole chunk at once without it).
 
     ``k`` / ``k_class``: sizes of the streaming reference tables (per concept, and per class
     and concept; 0 disables), merged by whichever process finds the store complete.
@@ -224,21 +233,34 @@ def analyze_dataset(
     group = create_or_resume(path, layout, provenance)
     finished = done_chunks(group)
     todo = [c for c in range(shard, layout.n_chunks, shards) if c not in finished]
-    batch_size = (loader_options or {}).get("batch_size") or chunk
-    for c in tqdm(todo, desc="analyze", unit="chunk", disable=not progress):
-        rows = layout.rows(c)
-        options = {**(loader_options or {}), "batch_size": chunk}
-        batch = gather(dataset, list(rows), **options)
-        arrays = layout.empty(len(rows))
-        if batch.indices:
-            at = np.array(batch.indices) - rows.start
-            images = batch.images.to(device)
-            found = analyze_chunk(analyzer, images, batch.labels, layout, explain, batch_size)
-            for key, values in found.items():
-                arrays[key][at] = values
-        if layout.k or layout.k_class:
-            arrays.update(layer_tables(layout, c, arrays))
-        write_chunk(group, layout, c, arrays)
+    options = dict(loader_options or {})
+    batch_size = options.pop("batch_size", None) or chunk
+    # one loader reads the chunks (its workers read ahead); the tables and the write of a
+    # chunk run in a thread while the next chunk is explained (numpy, zarr's codecs and
+    # torch release the GIL); one written chunk waits at most
+    chunks = grouped(dataset, [layout.rows(c) for c in todo], **options)
+    with ThreadPoolExecutor(1) as writer:
+        pending = None
+        for c, batch in tqdm(
+            zip(todo, chunks, strict=True),
+            total=len(todo),
+            desc="analyze",
+            unit="chunk",
+            disable=not progress,
+        ):
+            rows = layout.rows(c)
+            arrays = layout.empty(len(rows))
+            if batch.indices:
+                at = np.array(batch.indices) - rows.start
+                images = batch.images.to(device)
+                found = analyze_chunk(analyzer, images, batch.labels, layout, explain, batch_size)
+                for key, values in found.items():
+                    arrays[key][at] = values
+            if pending is not None:
+                pending.result()  # raises what the write of the previous chunk raised
+            pending = writer.submit(finish_chunk, group, layout, c, arrays)
+        if pending is not None:
+            pending.result()
     if (layout.k or layout.k_class) and not merge_when_complete(path):
         _report_unmerged(Path(path))
     return Path(path)

@@ -14,12 +14,15 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from crp_toolkit.store.results import ROOT as RESULTS
 from crp_toolkit.store.results import write_result
 
 MODES = ("relevance", "activation")
@@ -289,33 +292,43 @@ Reduce = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 Floor = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
+def _fold_step(reduce: Reduce, floor: Floor, running, samples, values):
+    """One spec's running table (None before the first block) folded with a block of entries
+    (rows, concepts): only entries at least ``floor`` join it."""
+    if running is not None:
+        samples, values = _above(samples, values, floor(*running, samples))
+        samples = np.concatenate([running[0], samples])
+        values = np.concatenate([running[1], values])
+    return reduce(samples, values)
+
+
 def _fold(
-    group: zarr.Group, prefix: str, reduce: Reduce, floor: Floor
+    group: zarr.Group, prefix: str, reduce: Reduce, floor: Floor, pool: ThreadPoolExecutor
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per spec, ``reduce`` folded over the chunk tables ``<prefix>_samples/_scores``, read in
     blocks of chunks of at most MERGE_BUDGET bytes; of each block only the entries at least
-    ``floor(running samples, running scores, block samples)`` join the running table."""
+    ``floor(running samples, running scores, block samples)`` join the running table. The
+    specs are folded side by side in ``pool`` (numpy's sorts release the GIL)."""
     samples, values = group[f"{prefix}_samples"], group[f"{prefix}_scores"]
     n_chunks, n_specs, rows, concepts = samples.shape
     block = max(1, MERGE_BUDGET // (n_specs * rows * concepts * 12))
-    running: list[tuple[np.ndarray, np.ndarray] | None] = [None] * n_specs
+    running: list = [None] * n_specs
+    step = partial(_fold_step, reduce, floor)
     for start in range(0, n_chunks, block):
         s_block = samples[start : start + block].astype(np.int64)
         v_block = values[start : start + block]
-        for i in range(n_specs):
-            s = s_block[:, i].reshape(-1, concepts)
-            v = v_block[:, i].reshape(-1, concepts)
-            if running[i] is not None:
-                s, v = _above(s, v, floor(*running[i], s))
-                s, v = np.concatenate([running[i][0], s]), np.concatenate([running[i][1], v])
-            running[i] = reduce(s, v)
-    return running  # type: ignore[return-value]
+        parts = [s_block[:, i].reshape(-1, concepts) for i in range(n_specs)]
+        scores = [v_block[:, i].reshape(-1, concepts) for i in range(n_specs)]
+        running = list(pool.map(step, running, parts, scores))
+    return running
 
 
-def merge_tables(path: str | Path) -> None:
+def merge_tables(path: str | Path, workers: int | None = None) -> None:
     """Merge the per-chunk tables of a complete store exactly into the derived results
     ``tables/<layer>/<spec>`` ((k, concept)) and ``class_tables/<layer>/<spec>`` ((class,
-    k_class, concept)); running it again rewrites the same results."""
+    k_class, concept)); running it again rewrites the same results. ``workers``: threads
+    folding the specs side by side (default: one per CPU this process may use, at most one
+    per spec)."""
     group = zarr.open_group(Path(path), mode="r+")
     attrs = dict(group.attrs)
     if not group["progress/done"][:].all():
@@ -336,23 +349,33 @@ def merge_tables(path: str | Path) -> None:
     def class_floor(s: np.ndarray, v: np.ndarray, block: np.ndarray) -> np.ndarray:
         return _class_floor(s, v, block, labels, k_class, n_classes)
 
-    for layer in attrs["layers"]:
-        tables = group[f"layers/{layer}/tables"]
-        meta = {"layer": layer, "k": k, "k_class": k_class}
-        if k:
-            for spec, (s, v) in zip(SPECS, _fold(tables, "top", top, top_floor), strict=True):
-                _write(path, table_name(layer, spec), s, v, ("rank", "concept"), spec, meta)
-        if k_class:
-            merged = _fold(tables, "class", per_class, class_floor)
-            for spec, (s, v) in zip(SPECS, merged, strict=True):
-                ranked = _ranked_candidates(s, v, class_of(labels, s), n_classes)
-                s, v = _dense(*ranked, k_class, n_classes)
+    def dense(table: tuple[np.ndarray, np.ndarray]):
+        s, v = table
+        return _dense(*_ranked_candidates(s, v, class_of(labels, s), n_classes), k_class, n_classes)
+
+    workers = workers or min(len(SPECS), len(os.sched_getaffinity(0)))
+    with ThreadPoolExecutor(workers) as pool:
+        for layer in attrs["layers"]:
+            tables = group[f"layers/{layer}/tables"]
+            jobs = []
+            if k:
+                merged = _fold(tables, "top", top, top_floor, pool)
+                dims = ("rank", "concept")
+                jobs += [(table_name(layer, s), s, dims, t) for s, t in zip(SPECS, merged)]
+            if k_class:
+                merged = pool.map(dense, _fold(tables, "class", per_class, class_floor, pool))
                 dims = ("class", "rank", "concept")
-                _write(path, class_table_name(layer, spec), s, v, dims, spec, meta)
+                jobs += [(class_table_name(layer, s), s, dims, t) for s, t in zip(SPECS, merged)]
+            for name, *_ in jobs:  # the parents first: the results are written side by side
+                group.require_group(f"{RESULTS}/{name.rsplit('/', 1)[0]}")
+            meta = {"layer": layer, "k": k, "k_class": k_class}
+            list(pool.map(partial(_write, path, meta), jobs))
     group.attrs["tables_merged"] = True
 
 
-def _write(path, name: str, samples, values, dims, spec: Spec, meta: Mapping) -> None:
+def _write(path, meta: Mapping, job: tuple) -> None:
+    """Write one merged table: ``job`` is (result name, spec, dimension names, table)."""
+    name, spec, dims, (samples, values) = job
     attrs = {**meta, "mode": spec.mode, "target": spec.target, "normalised": spec.normalised}
     arrays = {"samples": samples, "scores": values}
     write_result(path, name, arrays, dims={"samples": dims, "scores": dims}, attrs=attrs)
