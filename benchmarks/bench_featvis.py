@@ -6,7 +6,8 @@ A plain input-gradient pass over the same batches is the floor. Methods alternat
 round; times are medians. Then our options (plain, maps, top_heatmaps) once each: peak memory
 and bytes per sample on disk.
 
-    python benchmarks/bench_featvis.py [--n 32] [--batch 16] [--rounds 3] [--device cuda]
+    python benchmarks/bench_featvis.py [--n 32] [--batch 16] [--chunk 0] [--workers 0]
+        [--rounds 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ def gradient_pass(model, data: TensorDataset, batch: int, device) -> Callable[[P
     return run
 
 
-def ours(model, data, batch: int, device, **options) -> Callable[[Path], None]:
+def ours(model, data, args, device, **options) -> Callable[[Path], None]:
+    """``analyze_dataset`` in chunks of ``args.chunk`` (default: the batch) explained
+    ``args.batch`` at a time, read by ``args.workers`` loader processes."""
     analyzer = ct.LRP(ct.canonize(model), ct.composites.EpsilonPlusFlat())
+    loader = {"num_workers": args.workers, "batch_size": args.batch, "pin_memory": True}
 
     def run(tmp: Path) -> None:
         analyze_dataset(
@@ -77,9 +81,9 @@ def ours(model, data, batch: int, device, **options) -> Callable[[Path], None]:
             LAYERS,
             tmp / "store.zarr",
             dataset_description="bench",
-            chunk=batch,
+            chunk=args.chunk or args.batch,
             device=str(device),
-            loader_options={"num_workers": 0},
+            loader_options=loader,
             progress=False,
             **options,
         )
@@ -135,7 +139,7 @@ def bench(classes: int, args, device) -> dict:
     data = TensorDataset(x, y)
     methods = {
         "gradient": gradient_pass(model, data, args.batch, device),
-        "ours": ours(model, data, args.batch, device),
+        "ours": ours(model, data, args, device),
         "zennit-crp": zennit_crp(model, data, args.batch, device),
     }
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -154,7 +158,7 @@ def bench(classes: int, args, device) -> dict:
         "options": {},
     }
     for option, extra in OPTIONS.items():
-        fn = ours(model, data, args.batch, device, **extra)
+        fn = ours(model, data, args, device, **extra)
         seconds, size = timed(fn)
         result["options"][option] = {
             "img_per_s": args.n / seconds,
@@ -214,6 +218,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=0, help="rows per store chunk (0: the batch)")
+    p.add_argument("--workers", type=int, default=0, help="loader processes of ours")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--classes", type=int, nargs="+", default=[10, 1000])
     p.add_argument("--device", default="cpu")

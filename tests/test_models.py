@@ -328,6 +328,22 @@ def test_batch_equals_per_sample_fashion(fashion64, preset):
             )
 
 
+@pytest.mark.parametrize("name", ["vgg11", "resnet18"])
+def test_a_pass_stopped_at_the_lowest_recorded_layer_records_the_same_relevance(zoo, name):
+    """``to_input=False`` (what the dataset pass uses) skips the layers below the lowest
+    recorded one and leaves every recorded relevance bit for bit as the full pass gives it,
+    also where residual branches join below a recorded layer."""
+    analyzer = ct.LRP(ct.canonize(copy.deepcopy(zoo.get(name))), ct.composites.EpsilonPlusFlat())
+    names = [layer.name for layer in analyzer.graph.layers]
+    record = [names[len(names) // 3], names[len(names) // 2], names[-3]]
+    x = randn(2, 3, 64, 64, seed=3)
+    full = analyzer(x, layer_relevances=record)
+    short = analyzer(x, layer_relevances=record, to_input=False)
+    assert short.relevance is None and full.relevance is not None
+    for layer in record:
+        assert torch.equal(short.layer_relevances[layer], full.layer_relevances[layer]), layer
+
+
 # -- 4. targets --------------------------------------------------------------------------------
 
 

@@ -13,13 +13,13 @@ from torch import Tensor
 class Explanation:
     """The result of explaining a batch.
 
-    ``relevance`` is shaped like the input; ``output`` holds the model's logits and
-    ``target`` the explained class per sample; ``layer_relevances`` maps layer names to the
-    relevance arriving at their outputs (when asked for), ``layer_activations`` to those
-    layers' outputs.
+    ``relevance`` is shaped like the input (None when the backward pass stopped at the
+    lowest recorded layer); ``output`` holds the model's logits and ``target`` the explained
+    class per sample; ``layer_relevances`` maps layer names to the relevance arriving at their
+    outputs (when asked for), ``layer_activations`` to those layers' outputs.
     """
 
-    relevance: Tensor
+    relevance: Tensor | None
     output: Tensor
     target: Tensor
     layer_relevances: dict[str, Tensor] = field(default_factory=dict)
@@ -50,20 +50,31 @@ def resolve_target(output: Tensor, target: int | Sequence[int] | Tensor | None) 
 
 
 def explain(
-    analyzer, x: Tensor, target=None, *, layer_relevances: bool | Sequence[str] = False
+    analyzer,
+    x: Tensor,
+    target=None,
+    *,
+    layer_relevances: bool | Sequence[str] = False,
+    to_input: bool = True,
 ) -> Explanation:
-    """Explain ``target`` (argmax by default) for every sample of ``x`` with ``analyzer``."""
+    """Explain ``target`` (argmax by default) for every sample of ``x`` with ``analyzer``.
+    With ``to_input=False`` and layer relevances asked for, the backward pass stops at the
+    lowest of those layers (no input relevance): the relevances above it are the same, and
+    the layers below, often the costliest, are skipped."""
     graph = analyzer.graph
     if layer_relevances is True:
         record = list(range(len(graph.layers)))
     else:
         record = [graph.index(name) for name in (layer_relevances or ())]
+    stop = -1 if to_input or not record else min(record)
     fp = analyzer.forward(x, keep=record)
     ids = resolve_target(fp.output, target)
     activations = {graph.layers[i].name: fp.value(i) for i in record}
     init = analyzer.output_relevance(fp.output, ids)[None]
-    pending, recorded = analyzer.propagate(fp, {graph.output_layer: init}, record=record)
-    relevance = pending.get(-1, torch.zeros_like(x)[None])[0]
+    pending, recorded = analyzer.propagate(fp, {graph.output_layer: init}, record=record, stop=stop)
+    if stop >= 0 and stop in pending:  # every layer above has passed its share down to it
+        recorded[stop] = pending[stop]
+    relevance = pending.get(-1, torch.zeros_like(x)[None])[0] if stop < 0 else None
     layers = {graph.layers[i].name: r[0] for i, r in sorted(recorded.items())}
     return Explanation(relevance, fp.output, ids, layers, activations)
 

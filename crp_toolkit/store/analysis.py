@@ -89,11 +89,12 @@ def top_concept_heatmaps(
 def analyze_batch(
     analyzer: LRP, x: Tensor, labels: Tensor, layout: Layout, explain: str
 ) -> dict[str, np.ndarray]:
-    """One batch (one forward, one backward; with ``top_heatmaps`` one more forward and the
-    conditional passes): store arrays by path (samples/..., layers/...)."""
+    """One batch (one forward, one backward down to the lowest layer; with ``top_heatmaps``
+    one more forward and the conditional passes): store arrays by path (samples/...,
+    layers/...)."""
     layers = list(layout.layers)
     target = labels.to(x.device) if explain == "label" else None  # None: the prediction
-    expl = explain_batch(analyzer, x, target, layer_relevances=layers)
+    expl = explain_batch(analyzer, x, target, layer_relevances=layers, to_input=False)
     if layout.top_logits:
         logits = top_logits(expl.output, layout.logits_k)
     else:
