@@ -9,9 +9,10 @@ With ``--analysis N``, also ``analyze_dataset`` end to end on N random 64x64 ima
 
 With ``--pipeline N``, ``analyze_dataset`` on N inputs through a network of almost no compute
 whose layers are shaped like VGG16's deepest (``--layers`` depthwise convolutions of
-``--concepts`` channels at 14x14), for each of ``--classes``: the images per second the pass
-itself sustains around a network (loading, statistics, tables, writing, merge), i.e. the
-ceiling a fast accelerator would meet; with the tables and without.
+``--concepts`` channels at 14x14), inputs generated on the fly, for each of ``--classes``: the
+images per second the pass itself sustains around a network (loading, statistics, tables,
+writing, merge), i.e. the ceiling a fast accelerator would meet, with the tables and without,
+and the peak RSS (run with two N to see that it does not grow with the samples).
 
     python benchmarks/bench_tables.py [--rows 256] [--concepts 512] [--layers 3]
         [--classes 10 1000] [--chunks 40] [--repeats 5] [--analysis 0] [--pipeline 0]
@@ -28,7 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_featvis import LAYERS, vgg16
-from common import REPO, machine_info, markdown_table, median, write_json
+from common import (
+    REPO,
+    machine_info,
+    markdown_table,
+    median,
+    peak_rss_bytes,
+    reset_peak_rss,
+    write_json,
+)
 from torch.utils.data import TensorDataset
 
 import crp_toolkit as ct
@@ -130,21 +139,34 @@ class Cheap(torch.nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
+class Generated(torch.utils.data.Dataset):
+    """Inputs made on the fly from their index: memory independent of the sample count."""
+
+    def __init__(self, n: int, shape: tuple[int, ...], classes: int) -> None:
+        self.n, self.shape, self.classes = n, shape, classes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        gen = torch.Generator().manual_seed(i)
+        return torch.rand(self.shape, generator=gen), i % self.classes
+
+
 def time_pipeline(args, classes: int) -> dict[str, list[float]]:
-    """Seconds of ``analyze_dataset`` over ``args.pipeline`` inputs through ``Cheap``, with
-    the tables and without, alternating."""
+    """Seconds and peak RSS bytes of ``analyze_dataset`` over ``args.pipeline`` generated
+    inputs through ``Cheap``, with the tables and without, alternating."""
     torch.manual_seed(0)
     model = Cheap(args.concepts, args.layers, classes).eval()
     analyzer = ct.LRP(model, ct.composites.EpsilonPlusFlat())
     layers = [f"features.{2 * i + 1}" for i in range(args.layers)]
-    n = args.pipeline
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(n, args.concepts, 14, 14, generator=gen)
-    data = TensorDataset(x, torch.randint(0, classes, (n,), generator=gen))
+    data = Generated(args.pipeline, (args.concepts, 14, 14), classes)
     runs: dict[str, list[float]] = {"tables": [], "no tables": []}
+    peaks: dict[str, list[int]] = {"tables": [], "no tables": []}
     for _ in range(args.merge_repeats):
         for name, k in (("tables", {}), ("no tables", {"k": 0, "k_class": 0})):
             with tempfile.TemporaryDirectory() as tmp:
+                reset_peak_rss()
                 start = time.perf_counter()
                 analyze_dataset(
                     analyzer,
@@ -158,7 +180,8 @@ def time_pipeline(args, classes: int) -> dict[str, list[float]]:
                     **k,
                 )
                 runs[name].append(time.perf_counter() - start)
-    return runs
+                peaks[name].append(peak_rss_bytes())
+    return {"seconds": runs, "peak_rss_bytes": peaks}
 
 
 def main() -> None:
@@ -198,11 +221,15 @@ def main() -> None:
         )
     if args.pipeline:
         pipeline = {classes: time_pipeline(args, classes) for classes in args.classes}
-        out["pipeline_seconds"] = pipeline
-        report += "\n\npipeline ceiling img/s (no network): " + "; ".join(
+        out["pipeline"] = pipeline
+        report += f"\n\npipeline ceiling, {args.pipeline} inputs (no network): " + "; ".join(
             f"{classes} classes: "
-            + ", ".join(f"{k} {args.pipeline / median(t):.0f}" for k, t in runs.items())
-            for classes, runs in pipeline.items()
+            + ", ".join(
+                f"{k} {args.pipeline / median(t):.0f} img/s "
+                f"(peak RSS {max(found['peak_rss_bytes'][k]) / 2**20:.0f} MiB)"
+                for k, t in found["seconds"].items()
+            )
+            for classes, found in pipeline.items()
         )
     write_json(
         REPO / "benchmarks" / "results" / f"tables_{args.label}.json", out | {"results": results}

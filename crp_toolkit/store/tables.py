@@ -293,8 +293,10 @@ Floor = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 def _fold_step(reduce: Reduce, floor: Floor, running, samples, values):
-    """One spec's running table (None before the first block) folded with a block of entries
-    (rows, concepts): only entries at least ``floor`` join it."""
+    """One spec's running table (None before the first block) folded with a block of chunk
+    tables (chunks, rows, concepts): only entries at least ``floor`` join it."""
+    samples = samples.reshape(-1, samples.shape[-1]).astype(np.int64)
+    values = values.reshape(-1, values.shape[-1])
     if running is not None:
         samples, values = _above(samples, values, floor(*running, samples))
         samples = np.concatenate([running[0], samples])
@@ -315,11 +317,9 @@ def _fold(
     running: list = [None] * n_specs
     step = partial(_fold_step, reduce, floor)
     for start in range(0, n_chunks, block):
-        s_block = samples[start : start + block].astype(np.int64)
-        v_block = values[start : start + block]
-        parts = [s_block[:, i].reshape(-1, concepts) for i in range(n_specs)]
-        scores = [v_block[:, i].reshape(-1, concepts) for i in range(n_specs)]
-        running = list(pool.map(step, running, parts, scores))
+        s_block, v_block = samples[start : start + block], values[start : start + block]
+        parts = [(s_block[:, i], v_block[:, i]) for i in range(n_specs)]  # views
+        running = list(pool.map(step, running, *zip(*parts, strict=True)))
     return running
 
 
