@@ -51,10 +51,10 @@ log = logging.getLogger("crp_toolkit")
 FIGURE_KEYS = ("width", "dpi", "font_size", "cmap", "palette", "formats")
 
 
-def atlas(cfg: DictConfig, out: Path) -> None:
+def atlas(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     """Figures of the chosen inputs, of every layer and of its most relevant concepts, and the
     HTML atlas linking them."""
-    loaded, store = load(cfg), open_store(cfg, out)
+    loaded, store = loaded or load(cfg), open_store(cfg, out)
     style = figure_style(cfg)
     folder = out / "figures"
     folder.mkdir(parents=True, exist_ok=True)

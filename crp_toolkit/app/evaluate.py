@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from crp_toolkit.app.atlas import figure_style
 from crp_toolkit.app.mine import mine_layer
-from crp_toolkit.app.stages import class_names, load, open_store
+from crp_toolkit.app.stages import Loaded, class_names, load, open_store
 from crp_toolkit.atlas.figures import FigureStyle, save_figure
 from crp_toolkit.atlas.sheets import grouped_bars_figure
 from crp_toolkit.mining.discovery import DiscoveryScores, score_discovery
@@ -20,9 +20,9 @@ from crp_toolkit.mining.discovery import DiscoveryScores, score_discovery
 log = logging.getLogger("crp_toolkit")
 
 
-def evaluate(cfg: DictConfig, out: Path) -> None:
+def evaluate(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     """Score each layer's discoveries against the ground truth; write table and figures."""
-    loaded, store = load(cfg), open_store(cfg, out)
+    loaded, store = loaded or load(cfg), open_store(cfg, out)
     folder = out / "evaluate"
     folder.mkdir(parents=True, exist_ok=True)
     names = class_names(loaded.dataset, store.classes)

@@ -45,9 +45,9 @@ class MinedLayer:
         return self.concepts.index(concept)
 
 
-def mine(cfg: DictConfig, out: Path) -> None:
+def mine(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     """Every mining result of every layer, and ablation curves, kept in the store."""
-    loaded, store = load(cfg), open_store(cfg, out)
+    loaded, store = loaded or load(cfg), open_store(cfg, out)
     m, summary = cfg.mining, {}
     for layer in store.layers:
         mined = mine_layer(m, loaded, store, layer, reuse=False)

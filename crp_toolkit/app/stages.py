@@ -42,12 +42,13 @@ def run(cfg: DictConfig) -> None:
     if cfg.stage != "run":
         stages[cfg.stage](cfg, out)
     else:
+        loaded = load(cfg)  # model, dataset and analyzer made once for every stage
         for name in PIPELINE:
-            if name == "evaluate" and not has_ground_truth(instantiate(cfg.dataset)):
+            if name == "evaluate" and not has_ground_truth(loaded.dataset):
                 log.info("evaluate skipped: the dataset has no ground-truth concepts")
                 continue
             log.info("stage %s", name)
-            stages[name](cfg, out)
+            stages[name](cfg, out, loaded)
     print(f"results in {out}")
 
 
@@ -89,9 +90,9 @@ def _check_classes(model, dataset, device: str) -> None:
         )
 
 
-def explain(cfg: DictConfig, out: Path) -> None:
+def explain(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     """LRP heatmaps of the chosen inputs, and each input's most relevant concepts."""
-    loaded = load(cfg)
+    loaded = loaded or load(cfg)
     dataset, analyzer = loaded.dataset, loaded.analyzer
     batch = gather(dataset, list(cfg.explain.indices), **cfg.loader)
     report = {"explained": batch.indices, "skipped": batch.skipped}
@@ -122,9 +123,9 @@ def explain(cfg: DictConfig, out: Path) -> None:
         concept_figure(x, concepts, layer).savefig(out / "concepts.png", dpi=120)
 
 
-def analyze(cfg: DictConfig, out: Path) -> None:
+def analyze(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     """The dataset pass into the store (created, or resumed when it exists)."""
-    loaded = load(cfg)
+    loaded = loaded or load(cfg)
     store = store_path(cfg, out)
     shard, shards = _shard(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
