@@ -342,6 +342,17 @@ def test_a_pass_stopped_at_the_lowest_recorded_layer_records_the_same_relevance(
     assert short.relevance is None and full.relevance is not None
     for layer in record:
         assert torch.equal(short.layer_relevances[layer], full.layer_relevances[layer]), layer
+    # and its forward pass frees what only the skipped layers would read
+    index = [analyzer.graph.index(layer) for layer in record]
+    held = [analyzer.forward(x, keep=index, above=above) for above in (-1, min(index))]
+    sizes = [_held_bytes(fp) for fp in held]
+    assert sizes[1] < sizes[0] / 2, sizes
+
+
+def _held_bytes(fp) -> int:
+    tensors = [v for v in fp.values.values() if isinstance(v, torch.Tensor)]
+    tensors += [indices for indices, _ in fp.pooled.values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # -- 4. targets --------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def explain(
     else:
         record = [graph.index(name) for name in (layer_relevances or ())]
     stop = -1 if to_input or not record else min(record)
-    fp = analyzer.forward(x, keep=record)
+    fp = analyzer.forward(x, keep=record, above=stop)
     ids = resolve_target(fp.output, target)
     activations = {graph.layers[i].name: fp.value(i) for i in record}
     init = analyzer.output_relevance(fp.output, ids)[None]

@@ -88,20 +88,27 @@ class LRP:
             for layer in self.graph.layers
             if layer.kind == "maxpool" and layer.op.reports_indices(layer.module)
         }
-        self._needed = _needed_values(self.graph, self.rules, set(self._pools))
+        self._needed: dict[int, set[fx.Node]] = {}  # by the layer the relevance pass stops at
         self._last_uses = _last_uses(self.graph.module.graph)
 
     # -- forward -----------------------------------------------------------------------------
-    def forward(self, x: Tensor, *, reuse: bool = False, keep: Iterable[int] = ()) -> ForwardPass:
+    def forward(
+        self, x: Tensor, *, reuse: bool = False, keep: Iterable[int] = (), above: int = -1
+    ) -> ForwardPass:
         """Run the model once, keeping the tensors the relevance pass will need.
 
         ``reuse``: several relevance passes will follow (nothing is freed, denominators are
-        cached); ``keep``: layer indices whose outputs must survive (recorded activations).
+        cached); ``keep``: layer indices whose outputs must survive (recorded activations);
+        ``above``: the relevance pass will stop at this layer (``propagate(stop=above)``), so
+        what only the layers up to it would read is freed as in a plain forward.
         """
         _check_input(x, self.graph)
         _check_eval_mode(self.model)
         graph, gm = self.graph, self.graph.module
-        needed = self._needed | {graph.layers[i].node for i in keep}
+        if above not in self._needed:
+            pools = {node for node, layer in self._pools.items() if layer.index > above}
+            self._needed[above] = _needed_values(graph, self.rules, pools, above)
+        needed = self._needed[above] | {graph.layers[i].node for i in keep}
         values: dict[fx.Node, object] = {graph.input_node: x.detach()}
         pooled: dict[int, tuple[Tensor, torch.Size]] = {}
         with torch.no_grad():
@@ -109,7 +116,7 @@ class LRP:
                 if node.op in ("placeholder", "output"):
                     continue
                 try:
-                    values[node] = self._run_forward(node, values, pooled)
+                    values[node] = self._run_forward(node, values, pooled, above)
                 except RuntimeError as err:
                     raise ValueError(
                         f"input of shape {tuple(x.shape)} does not fit the model: "
@@ -121,10 +128,11 @@ class LRP:
         output = values[graph.layers[graph.output_layer].node]
         return ForwardPass(graph, values, output, reuse, pooled=pooled)  # type: ignore[arg-type]
 
-    def _run_forward(self, node: fx.Node, values, pooled) -> object:
-        """One node of the forward pass; max-pooling modules also leave their indices."""
+    def _run_forward(self, node: fx.Node, values, pooled, above: int) -> object:
+        """One node of the forward pass; max-pooling modules the relevance pass will reach
+        also leave their indices."""
         layer = self._pools.get(node)
-        if layer is not None:
+        if layer is not None and layer.index > above:
             x = values[node.all_input_nodes[0]]
             out, indices = layer.op.pool_with_indices(layer.module, x)
             pooled[layer.index] = (indices, x.shape)
@@ -404,12 +412,17 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     return out
 
 
-def _needed_values(graph: Graph, rules: Sequence[Rule], pools: set[fx.Node]) -> set[fx.Node]:
-    """fx nodes whose values the relevance pass reads; the rest are freed during forward."""
+def _needed_values(
+    graph: Graph, rules: Sequence[Rule], pools: set[fx.Node], above: int = -1
+) -> set[fx.Node]:
+    """fx nodes whose values the relevance pass (through the layers above index ``above``)
+    reads; the rest are freed during forward."""
     layer_nodes = {layer.node for layer in graph.layers}
     needed = {n for n in graph.module.graph.nodes if n not in layer_nodes}  # shapes, constants
     needed.add(graph.layers[graph.output_layer].node)
     for layer, rule in zip(graph.layers, rules, strict=True):
+        if layer.index <= above:
+            continue
         routed_without_inputs = layer.op.elementwise or layer.node in pools
         if not (isinstance(rule, PassRule) and routed_without_inputs):
             needed.update(layer.node.all_input_nodes)
