@@ -4,7 +4,7 @@ samples that cannot be read (skipped and reported, or failing the run, by config
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -23,6 +23,11 @@ class Batch:
     labels: Tensor
     indices: list[int]
     skipped: list[dict] = field(default_factory=list)  # {"index": i, "error": "..."}
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked memory (what a DataLoader with ``pin_memory`` calls), so
+        it can be copied to the GPU while the GPU works."""
+        return replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory())
 
 
 class _Tolerant(Dataset):

@@ -240,26 +240,23 @@ def analyze_dataset(
     # chunk run in a thread while the next chunk is explained (numpy, zarr's codecs and
     # torch release the GIL); one written chunk waits at most
     chunks = grouped(dataset, [layout.rows(c) for c in todo], **options)
-    with ThreadPoolExecutor(1) as writer:
+    samples = sum(len(layout.rows(c)) for c in todo)
+    bar = tqdm(total=samples, desc="analyze", unit="img", disable=not progress)
+    with bar, ThreadPoolExecutor(1) as writer:
         pending = None
-        for c, batch in tqdm(
-            zip(todo, chunks, strict=True),
-            total=len(todo),
-            desc="analyze",
-            unit="chunk",
-            disable=not progress,
-        ):
+        for c, batch in zip(todo, chunks, strict=True):
             rows = layout.rows(c)
             arrays = layout.empty(len(rows))
             if batch.indices:
                 at = np.array(batch.indices) - rows.start
-                images = batch.images.to(device)
+                images = batch.images.to(device, non_blocking=True)  # pinned by the loader
                 found = analyze_chunk(analyzer, images, batch.labels, layout, explain, batch_size)
                 for key, values in found.items():
                     arrays[key][at] = values
             if pending is not None:
                 pending.result()  # raises what the write of the previous chunk raised
             pending = writer.submit(finish_chunk, group, layout, c, arrays)
+            bar.update(len(rows))
         if pending is not None:
             pending.result()
     if (layout.k or layout.k_class) and not merge_when_complete(path):
