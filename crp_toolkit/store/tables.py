@@ -366,8 +366,8 @@ def merge_tables(path: str | Path, workers: int | None = None) -> None:
                 merged = pool.map(dense, _fold(tables, "class", per_class, class_floor, pool))
                 dims = ("class", "rank", "concept")
                 jobs += [(class_table_name(layer, s), s, dims, t) for s, t in zip(SPECS, merged)]
-            for name, *_ in jobs:  # the parents first: the results are written side by side
-                group.require_group(f"{RESULTS}/{name.rsplit('/', 1)[0]}")
+            for parent in {name.rsplit("/", 1)[0] for name, *_ in jobs}:  # before the threads
+                group.require_group(f"{RESULTS}/{parent}")
             meta = {"layer": layer, "k": k, "k_class": k_class}
             list(pool.map(partial(_write, path, meta), jobs))
     group.attrs["tables_merged"] = True
