@@ -24,11 +24,12 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# headless Chromium for the HTML atlas's browser test (Debian package; root, or sudo)
+# headless Chromium and its chromedriver for the HTML atlas's browser tests (Debian packages;
+# root, or sudo)
 browser:
-	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 test: lint browser
 	$(BIN)/python -m pytest -q

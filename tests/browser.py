@@ -1,22 +1,19 @@
-"""A small Chrome DevTools Protocol client for tests: the real headless Chromium, driven over
-its websocket (websocket-client), collecting console errors and uncaught exceptions."""
+"""The real headless Chromium for tests, driven by Selenium through Debian's chromedriver,
+collecting console errors, failed loads and uncaught exceptions from the browser log."""
 
 from __future__ import annotations
 
-import base64
-import itertools
-import json
+import os
 import shutil
-import subprocess
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-import websocket
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
 
 CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
 FLAGS = (
     "--headless",
     "--no-sandbox",
@@ -25,7 +22,6 @@ FLAGS = (
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--remote-debugging-port=0",
 )
 
 
@@ -33,120 +29,66 @@ class Browser:
     """``with Browser() as b: b.navigate(url); b.evaluate("1 + 1")``; ``b.problems`` lists the
     console errors, failed loads and exceptions seen since the last navigation."""
 
-    def __init__(self, executable: Path = CHROMIUM, timeout: float = 30.0) -> None:
-        if not executable.exists():
+    def __init__(
+        self, executable: Path = CHROMIUM, driver: Path = CHROMEDRIVER, timeout: float = 30.0
+    ) -> None:
+        missing = [str(p) for p in (executable, driver) if not p.exists()]
+        if missing:
             raise FileNotFoundError(
-                f"{executable} is missing: the browser tests need Chromium; `make test` installs "
-                "it (apt-get install chromium)"
+                f"{' and '.join(missing)} missing: the browser tests need Chromium and its "
+                "chromedriver; `make test` installs them (apt-get install chromium chromium-driver)"
             )
-        self.executable, self.timeout = executable, timeout
-        self.problems: list[str] = []
-        self._events: list[dict] = []
-        self._ids = itertools.count(1)
+        self.executable, self.driver, self.timeout = executable, driver, timeout
+        self._problems: list[str] = []
 
     def __enter__(self) -> Browser:
-        self._profile = Path(tempfile.mkdtemp(prefix="crp-chromium-"))
-        self._process = subprocess.Popen(
-            [str(self.executable), *FLAGS, f"--user-data-dir={self._profile}", "about:blank"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never try to download
+        self._profile = tempfile.mkdtemp(prefix="crp-chromium-")
+        options = webdriver.ChromeOptions()
+        options.binary_location = str(self.executable)
+        for flag in (*FLAGS, f"--user-data-dir={self._profile}"):
+            options.add_argument(flag)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         try:
-            port = self._port()
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as r:
-                pages = [t for t in json.load(r) if t["type"] == "page"]
-            self._ws = websocket.create_connection(
-                pages[0]["webSocketDebuggerUrl"], timeout=self.timeout, suppress_origin=True
+            self._driver = webdriver.Chrome(
+                options=options, service=Service(executable_path=str(self.driver))
             )
-            for domain in ("Runtime", "Log", "Page"):
-                self.send(f"{domain}.enable")
         except BaseException:
-            self.__exit__()
+            shutil.rmtree(self._profile, ignore_errors=True)
             raise
+        self._driver.set_page_load_timeout(self.timeout)
+        self._driver.set_script_timeout(self.timeout)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if getattr(self, "_ws", None) is not None:
-            self._ws.close()
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        self._driver.quit()
         shutil.rmtree(self._profile, ignore_errors=True)
 
-    def _port(self) -> int:
-        """The debugging port Chromium chose, from DevToolsActivePort in its profile."""
-        marker = self._profile / "DevToolsActivePort"
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"Chromium exited with code {self._process.returncode}")
-            if marker.exists() and marker.read_text().strip():
-                return int(marker.read_text().split()[0])
-            time.sleep(0.05)
-        raise TimeoutError(f"Chromium wrote no {marker.name} within {self.timeout} s")
-
-    def send(self, method: str, **params: Any) -> dict:
-        """Call a protocol method and return its result; events that arrive meanwhile are
-        recorded."""
-        call = next(self._ids)
-        self._ws.send(json.dumps({"id": call, "method": method, "params": params}))
-        while True:
-            message = self._receive()
-            if message.get("id") == call:
-                if "error" in message:
-                    raise RuntimeError(f"{method} failed: {message['error']}")
-                return message["result"]
-
-    def _receive(self) -> dict:
-        message = json.loads(self._ws.recv())
-        method, params = message.get("method"), message.get("params", {})
-        if method == "Runtime.exceptionThrown":
-            details = params["exceptionDetails"]
-            self.problems.append(details.get("exception", {}).get("description", details["text"]))
-        elif method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
-            self.problems.append(" ".join(str(a.get("value")) for a in params["args"]))
-        elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
-            entry = params["entry"]
-            self.problems.append(f"{entry['text']} {entry.get('url', '')}".strip())
-        if method:
-            self._events.append(message)
-        return message
-
-    def wait_for(self, event: str) -> dict:
-        """The first unconsumed occurrence of protocol ``event``; events before it are
-        dropped."""
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            while not self._events:  # recv times out on its own
-                self._receive()
-            message = self._events.pop(0)
-            if message["method"] == event:
-                return message["params"]
-        raise TimeoutError(f"no {event} within {self.timeout} s")
+    @property
+    def problems(self) -> list[str]:
+        """The SEVERE browser-log entries (console errors and assertions, failed loads,
+        uncaught exceptions) since the last navigation."""
+        self._problems += [
+            e["message"] for e in self._driver.get_log("browser") if e["level"] == "SEVERE"
+        ]
+        return self._problems
 
     def navigate(self, url: str) -> None:
         """Open ``url`` and wait until it has loaded (images included); clears ``problems``."""
-        self.problems, self._events = [], []
-        result = self.send("Page.navigate", url=url)
-        if "errorText" in result:
-            raise RuntimeError(f"cannot open {url}: {result['errorText']}")
-        self.wait_for("Page.loadEventFired")
+        self._driver.get_log("browser")  # drop what the previous page logged
+        self._problems = []
+        self._driver.get(url)
+        if self.evaluate("document.URL").startswith("chrome-error:"):
+            raise RuntimeError(f"cannot open {url}")
 
     def evaluate(self, expression: str) -> Any:
-        """The value of a JavaScript expression in the page (JSON-serialisable values)."""
-        result = self.send(
-            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
-        )
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"{expression!r} raised: {result['exceptionDetails']}")
-        return result["result"].get("value")
+        """The value of a JavaScript expression in the page (JSON-serialisable values; a
+        promise is awaited)."""
+        return self._driver.execute_script(f"return (\n{expression}\n);")
 
     def screenshot(self, path: Path) -> Path:
         """A PNG of the page as shown."""
-        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot")["data"]))
+        path.write_bytes(self._driver.get_screenshot_as_png())
         return path
 
 

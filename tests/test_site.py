@@ -176,6 +176,26 @@ def test_sort_reorders_rows_and_screenshot(site, browser, tmp_path):
     assert np.asarray(image.convert("L")).std() > 5  # something was drawn
 
 
+def test_browser_reports_errors_failed_loads_and_exceptions(browser, tmp_path):
+    bad = tmp_path / "bad.html"
+    bad.write_text(
+        '<!doctype html><title>bad</title><img src="missing.png"><script>'
+        'console.error("logged"); console.warn("only a warning");'
+        'setTimeout(() => { throw new Error("later"); }); null.x;</script>'
+    )
+    browser.navigate(bad.as_uri())
+    browser.evaluate("new Promise(done => setTimeout(done, 50))")  # let the timeout fire
+    problems = browser.problems
+    assert len(problems) == 4, problems
+    for seen in ("missing.png", '"logged"', "Uncaught TypeError", "Uncaught Error: later"):
+        assert any(seen in p for p in problems), (seen, problems)
+    (tmp_path / "good.html").write_text("<!doctype html><title>good</title>")
+    browser.navigate((tmp_path / "good.html").as_uri())
+    assert browser.problems == []
+    with pytest.raises(RuntimeError, match="cannot open"):
+        browser.navigate((tmp_path / "absent.html").as_uri())
+
+
 def test_bad_content_is_refused(content, tmp_path):
     entry = content.concepts[0]
     unknown = ClassEntry("x", [(entry.layer, 999, 1.0)])
