@@ -1,7 +1,15 @@
-"""crp_toolkit: LRP and Concept Relevance Propagation for PyTorch vision models."""
+"""crp_toolkit: LRP and Concept Relevance Propagation for PyTorch vision models.
 
-from crp_toolkit import store
-from crp_toolkit.atlas.heatmap import heatmap, heatmap_figure, save_heatmaps
+Importing the package loads only the engine and the concept code; the store (Zarr) and the
+heatmaps (matplotlib) are imported on first use of ``ct.store`` or ``ct.heatmap...``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from crp_toolkit import composites, ops, rules
 from crp_toolkit.concepts.attribution_graph import AttributionGraph, ConceptNode, attribution_graph
 from crp_toolkit.concepts.concepts import ChannelConcept, DirectionConcept, NeuronConcept
 from crp_toolkit.concepts.conditional import CondAttribution, CondResult
@@ -12,13 +20,41 @@ from crp_toolkit.concepts.crp import (
     TopNFeatures,
     concept_relevances,
 )
-from crp_toolkit.engine import composites, ops, rules
 from crp_toolkit.engine.canonize import canonize, strip_softmax
 from crp_toolkit.engine.explanation import Explanation, analyze
 from crp_toolkit.engine.graph import UnsupportedLayerError
 from crp_toolkit.engine.lrp import LRP
 
+if TYPE_CHECKING:
+    from crp_toolkit import store
+    from crp_toolkit.atlas.heatmap import heatmap, heatmap_figure, save_heatmaps
+
 __version__ = "0.1.0"
+
+# name -> (module, attribute of it; None for the module itself), imported on first access
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "store": ("crp_toolkit.store", None),
+    "heatmap": ("crp_toolkit.atlas.heatmap", "heatmap"),
+    "heatmap_figure": ("crp_toolkit.atlas.heatmap", "heatmap_figure"),
+    "save_heatmaps": ("crp_toolkit.atlas.heatmap", "save_heatmaps"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a lazy name (PEP 562) and keep it, so that this runs once per name."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = importlib.import_module(module)
+    if attribute is not None:
+        value = getattr(value, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "AttributionGraph",

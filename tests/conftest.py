@@ -29,8 +29,40 @@ FASHION_OVERRIDES = (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# Fixtures that read FASHION_DIR; tests using them (directly or through other fixtures) or
+# marked ``fashion`` need it.
+FASHION_FIXTURES = {"fashion_model", "fashion_data"}
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "fashion(path=FASHION_DIR): needs the FashionMNIST fixture folder (skipped without it, "
+        "failed under CI)",
+    )
+
+
+def _fashion_needed(item: pytest.Item) -> Path | None:
+    """The fixture folder ``item`` reads, if it reads one."""
+    marker = item.get_closest_marker("fashion")
+    if marker is not None:
+        return Path(marker.args[0]) if marker.args else FASHION_DIR
+    return FASHION_DIR if FASHION_FIXTURES & set(item.fixturenames) else None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test needing a missing fixture folder is skipped, naming it; under CI (which always
+    has the fixture) it fails instead."""
+    path = _fashion_needed(item)
+    if path is None or path.is_dir():
+        return
+    reason = f"FashionMNIST fixture missing: {path}"
+    if os.environ.get("CI"):
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
 
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -65,6 +65,7 @@ def test_an_unknown_stage_prints_the_usage():
     assert "stages: explain" in run.stderr
 
 
+@pytest.mark.fashion
 def test_the_fashion_fixture_runs_through_the_same_command_line(tmp_path):
     """A user's own model class and .npz data, given only by config overrides."""
     run = cli(
@@ -78,9 +79,8 @@ def test_the_fashion_fixture_runs_through_the_same_command_line(tmp_path):
     assert (tmp_path / "concepts.png").exists()
 
 
+@pytest.mark.fashion(ROOT.parent / "shared" / "data" / "fashion")  # the config's own paths
 def test_experiment_configs_in_the_project_conf_folder_extend_the_defaults(tmp_path):
-    if not (ROOT.parent / "shared" / "data" / "fashion").is_dir():
-        pytest.skip("the experiment config names ../shared relative to the project root")
     run = cli("explain", f"hydra.run.dir={tmp_path}", "+experiment=fashion", "explain.indices=[3]")
     assert run.returncode == 0, run.stderr
     config = yaml.safe_load((tmp_path / ".hydra" / "config.yaml").read_text())

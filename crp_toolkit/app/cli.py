@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import matplotlib
 from omegaconf import DictConfig
 
 from crp_toolkit.app.schema import STAGES, register
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     flags = [a for a in overrides if a.startswith("-")]  # --multirun, --cfg job, ...
     rest = [a for a in overrides if not a.startswith("-")]
     sys.argv = [sys.argv[0], *flags, f"stage={stage}", *search, *rest]
+    matplotlib.use("Agg")  # figures render headless; a library import leaves the backend alone
     _run()
 
 
