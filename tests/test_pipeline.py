@@ -37,12 +37,31 @@ LAYERS = ("features.12", "features.8")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def pipeline(tmp_path_factory):
+    """The run's output folder and what it wrote to stderr."""
     out = tmp_path_factory.mktemp("run")
     run = cli("run", f"hydra.run.dir={out}", *SMALL)
     assert run.returncode == 0, run.stderr
     assert f"results in {out}" in run.stdout
-    return out
+    return out, run.stderr
+
+
+@pytest.fixture(scope="module")
+def run_dir(pipeline):
+    return pipeline[0]
+
+
+def test_mine_and_atlas_show_their_progress(pipeline):
+    bars = (
+        "mine: 100%",
+        "localise features.12 (relevance)",
+        "localise features.8 (activation)",
+        "ablation features.8",
+        "concept sheets features.12",
+        "prototypes features.8",
+        "input figures",
+    )
+    assert [bar for bar in bars if bar not in pipeline[1]] == []
 
 
 def test_run_writes_every_stage_and_records_its_config(run_dir):
@@ -101,6 +120,7 @@ def test_a_later_stage_reuses_the_store_and_its_cached_results(run_dir, tmp_path
     before = ct.store.list_results(run_dir / "store.zarr")
     assert (tmp_path / "figures" / "features.12_map.png").is_file()
     assert ct.store.list_results(run_dir / "store.zarr") == before  # nothing new to compute
+    assert "concept sheets features.8" in run.stderr and "localise" not in run.stderr
 
 
 def test_a_stage_without_its_store_says_how_to_make_one(tmp_path):

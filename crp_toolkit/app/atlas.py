@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 import crp_toolkit as ct
 from crp_toolkit.app.mine import MinedLayer, dataset_relevance, mine_layer
@@ -53,7 +54,7 @@ FIGURE_KEYS = ("width", "dpi", "font_size", "cmap", "palette", "formats")
 
 def atlas(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     """Figures of the chosen inputs, of every layer and of its most relevant concepts, and the
-    HTML atlas linking them."""
+    HTML atlas linking them; bars of the figures done on stderr."""
     loaded, store = loaded or load(cfg), open_store(cfg, out)
     style = figure_style(cfg)
     folder = out / "figures"
@@ -61,7 +62,7 @@ def atlas(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     names = class_names(loaded.dataset, store.classes)
     content = SiteContent(title="crp_toolkit concept atlas", concepts=[])
     for layer in store.layers:
-        mined = mine_layer(cfg.mining, loaded, store, layer, reuse=True)
+        mined = mine_layer(cfg.mining, loaded, store, layer, reuse=True, progress=True)
         part = layer_pages(mined, store, loaded, names, folder, style)
         content = SiteContent(
             content.title,
@@ -113,7 +114,8 @@ def layer_pages(
         save_figure(fig, f"{stem}_ablation", style)
     relevance = dataset_relevance(stats)
     concepts = [
-        concept_entry(mined, c, float(relevance[c]), loaded, names, folder, style) for c in chosen
+        concept_entry(mined, c, float(relevance[c]), loaded, names, folder, style)
+        for c in tqdm(chosen, desc=f"concept sheets {layer}", unit="concept")
     ]
     classes = [
         ClassEntry(
@@ -168,7 +170,7 @@ def prototype_pages(
     """Per class, a figure of its prototypes (nearest samples, mean concept profile), and an
     atlas entry per prototype."""
     protos, layer, entries = mined.prototypes, mined.layer, []
-    for y, name in enumerate(names):
+    for y, name in enumerate(tqdm(names, desc=f"prototypes {layer}", unit="class")):
         found = [int(p) for p in np.flatnonzero(protos.weights[y] > 0)]
         if not found:
             continue
@@ -216,10 +218,16 @@ def input_figures(
     )
     ids = sorted({int(c) for c in concepts.features.flatten()})
     refs = localise_references(
-        analyzer, loaded.dataset, store, table, dataset_description=loaded.description, concepts=ids
+        analyzer,
+        loaded.dataset,
+        store,
+        table,
+        dataset_description=loaded.description,
+        concepts=ids,
+        progress=True,
     )
     crops = {c: list(refs.crops[:, j]) for j, c in enumerate(ids)}
-    for i, index in enumerate(batch.indices):
+    for i, index in enumerate(tqdm(batch.indices, desc="input figures", unit="input")):
         panels = concept_panels(concepts, i, layer, crops)
         fig = glocal_figure(x[i], expl.relevance[i], panels, title=f"sample {index}", style=style)
         save_figure(fig, folder / f"glocal_{index}", style)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from crp_toolkit.app.stages import Loaded, load, open_store
 from crp_toolkit.mining.ablation import ablation_curves
@@ -46,11 +47,14 @@ class MinedLayer:
 
 
 def mine(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
-    """Every mining result of every layer, and ablation curves, kept in the store."""
+    """Every mining result of every layer, and ablation curves, kept in the store; a bar of
+    the layers done (and of the long steps of each) on stderr."""
     loaded, store = loaded or load(cfg), open_store(cfg, out)
     m, summary = cfg.mining, {}
-    for layer in store.layers:
-        mined = mine_layer(m, loaded, store, layer, reuse=False)
+    layers = tqdm(store.layers, desc="mine", unit="layer")
+    for layer in layers:
+        layers.set_postfix_str(layer)
+        mined = mine_layer(m, loaded, store, layer, reuse=False, progress=True)
         curves = ablation_curves(
             loaded.analyzer,
             loaded.dataset,
@@ -60,6 +64,7 @@ def mine(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
             samples=m.ablation_samples,
             steps=m.ablation_steps,
             seed=m.seed,
+            progress=True,
         )
         summary[layer] = {
             "concepts": mined.concepts,
@@ -73,10 +78,11 @@ def mine(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
 
 
 def mine_layer(
-    m: DictConfig, loaded: Loaded, store: Store, layer: str, *, reuse: bool
+    m: DictConfig, loaded: Loaded, store: Store, layer: str, *, reuse: bool, progress: bool = False
 ) -> MinedLayer:
     """A layer's mining results by the ``mining`` config, kept in the store. With ``reuse``,
-    results the store already holds for the same settings are read back instead."""
+    results the store already holds for the same settings are read back instead. With
+    ``progress``, bars of the references localised (when not cached) on stderr."""
     scoring = {"target": m.target, "normalised": m.normalised}
 
     def kept(kind, name: str, compute, **settings):
@@ -116,6 +122,7 @@ def mine_layer(
             reference_samples(store, layer, mode=mode, k=m.k, **scoring),
             dataset_description=loaded.description,
             concepts=concepts,
+            progress=progress,
         )
         for mode in MODES
     ]

@@ -10,23 +10,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from skimage.segmentation import find_boundaries, slic  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from crp_toolkit.atlas.heatmap import display_image, heatmap  # noqa: E402
+from crp_toolkit.atlas.heatmap import display_image, heatmap
 
 FORMATS = ("png", "pdf", "svg")
 # An image: (H, W), (H, W, 3) or (C, H, W) with C in (1, 3); uint8, or float (shown as is when
 # within [0, 1], min-max scaled otherwise); numpy or torch.
 Image = Any
+# matplotlib reads text between "$" signs as math; figures show every string as given (class
+# names, concept and layer names may hold "$"). Deliberate math text passes parse_math=True.
+LITERAL_TEXT = {"text.parse_math": False}
 
 
 @dataclass(frozen=True)
@@ -57,9 +56,9 @@ class FigureStyle:
             if name not in colormaps:
                 raise ValueError(f"unknown matplotlib colour map {name!r}")
 
-    def rc(self) -> dict[str, float]:
-        """matplotlib rc settings, applied while a figure is built."""
-        return {"font.size": self.font_size, "figure.dpi": self.dpi}
+    def rc(self) -> dict[str, Any]:
+        """matplotlib rc settings, applied while a figure is built (text shown literally)."""
+        return {"font.size": self.font_size, "figure.dpi": self.dpi, **LITERAL_TEXT}
 
 
 DEFAULT_STYLE = FigureStyle()
@@ -151,9 +150,8 @@ def concept_figure(x: Tensor, concepts, layer: str):
         maps = heatmap(concepts.relevance[i])
         for j in range(k):
             axes[i, j + 1].imshow(maps[j])
-            axes[i, j + 1].set_title(
-                f"{layer}:{int(concepts.features[i, j])} ({shares[i, j]:.0%})", fontsize=7
-            )
+            title = f"{layer}:{int(concepts.features[i, j])} ({shares[i, j]:.0%})"
+            axes[i, j + 1].set_title(title, fontsize=7, parse_math=False)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
@@ -232,6 +230,8 @@ def superpixels(
 ) -> np.ndarray:
     """SLIC superpixels of an image: region labels (H, W), 0 to n_regions - 1. The Gaussian
     smoothing ``sigma`` keeps pixel noise from fusing everything into a few regions."""
+    from skimage.segmentation import slic  # imported here: skimage is slow to import
+
     if n_segments < 1:
         raise ValueError(f"n_segments must be at least 1, got {n_segments}")
     segments = slic(
@@ -281,6 +281,8 @@ def atlas_overlay(
 ) -> np.ndarray:
     """The input (RGB float) with every region blended with its dominant concept's colour and
     the borders between differently coloured areas drawn in white."""
+    from skimage.segmentation import find_boundaries  # imported here: skimage is slow to import
+
     rgb = as_rgb(image)
     owner = dominant[segments]
     painted = owner >= 0

@@ -51,7 +51,7 @@ def heatmap_figure(
             axes[0, i].imshow(display_image(inputs[i]), cmap="gray")
         axes[-1, i].imshow(image)
         if titles:
-            axes[0, i].set_title(titles[i], fontsize=9)
+            axes[0, i].set_title(titles[i], fontsize=9, parse_math=False)  # "$" kept as is
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()

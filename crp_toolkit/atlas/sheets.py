@@ -16,6 +16,7 @@ from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
 from crp_toolkit.atlas.figures import (
     DEFAULT_STYLE,
+    LITERAL_TEXT,
     FigureStyle,
     Image,
     as_rgb,
@@ -79,6 +80,7 @@ def concept_sheet_figure(sheet: ConceptSheet, *, style: FigureStyle = DEFAULT_ST
     return fig
 
 
+@plt.rc_context(LITERAL_TEXT)  # on axes of any figure, names are shown as given
 def class_bars(ax, classes: Sequence[tuple[str, float]]) -> None:
     """Horizontal bars of (class name, relevance), the first on top."""
     names = [name for name, _ in classes]
@@ -116,6 +118,7 @@ def tree_layout(graph: AttributionGraph) -> dict[ConceptNode, tuple[float, float
     }
 
 
+@plt.rc_context(LITERAL_TEXT)
 def draw_attribution_graph(ax, graph: AttributionGraph, max_width: float = 8.0) -> None:
     """The attribution graph as a tree of lower-layer concepts; an edge's width is
     proportional to the share of the parent's relevance flowing through the child (red

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import Tensor
+from tqdm import tqdm
 
 from crp_toolkit.concepts.concepts import ChannelConcept
 from crp_toolkit.engine.explanation import explain
@@ -100,10 +101,11 @@ def ablated_logits(
     order: np.ndarray,
     removed: np.ndarray,
     batch_size: int = 256,
+    bar: tqdm | None = None,
 ) -> np.ndarray:
     """(steps, n): the logit of ``classes`` with the first ``removed[t]`` concepts of each
     sample's ``order`` switched off; every (step, sample) is a row of one masked forward pass,
-    ``batch_size`` rows at a time."""
+    ``batch_size`` rows at a time, each pass advancing ``bar``."""
     n, concepts = order.shape
     rank = np.argsort(order, axis=1)  # rank[b, c]: when concept c of sample b goes off
     keep = rank[None] >= np.asarray(removed)[:, None, None]  # (steps, n, C)
@@ -114,6 +116,8 @@ def ablated_logits(
         part = slice(start, start + batch_size)
         logits = masked_forward(analyzer, x[sample[part]], layer, rows[part])
         out.append(logits.gather(1, classes[sample[part]][:, None].to(logits.device))[:, 0])
+        if bar is not None:
+            bar.update(len(logits))
     return torch.cat(out).reshape(len(removed), n).float().cpu().numpy()
 
 
@@ -152,12 +156,14 @@ def ablation_curves(
     steps: int | None = None,
     batch_size: int = 256,
     write: bool = True,
+    progress: bool = False,
 ) -> AblationCurves:
     """Ablation curves of ``layer`` for ``samples`` (a number: the first that many valid
     samples of the store; or sample ids), explaining the store's explained classes. ``steps``
     limits how many ablation steps are taken (evenly spaced; all C + 1 by default);
     ``batch_size`` rows go through each forward (and samples through each relevance pass). With
-    ``write``, the result is kept in the store as ``derived/ablation/<layer>``."""
+    ``write``, the result is kept in the store as ``derived/ablation/<layer>``. With
+    ``progress``, a bar of the masked forward rows done on stderr."""
     provenance = check_provenance(analyzer, dataset, store, dataset_description)
     ids = _samples(store, samples)
     images = read_samples(dataset, ids)
@@ -167,12 +173,15 @@ def ablation_curves(
     orders = concept_orders(analyzer, x, classes, layer, seed, batch_size)
     concepts = orders["relevance"].shape[1]
     removed = _steps(concepts, steps)
-    logits = np.stack(
-        [
-            ablated_logits(analyzer, x, classes, layer, o, removed, batch_size)
-            for o in orders.values()
-        ]
-    )
+    rows = len(orders) * len(removed) * len(ids)
+    bar = tqdm(total=rows, desc=f"ablation {layer}", unit="row", leave=False, disable=not progress)
+    with bar:
+        logits = np.stack(
+            [
+                ablated_logits(analyzer, x, classes, layer, o, removed, batch_size, bar)
+                for o in orders.values()
+            ]
+        )
     key = {**analysis_key(analyzer, provenance), "layer": layer, "seed": seed}
     curves = AblationCurves(
         layer,

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
+from tqdm import tqdm
 
 from crp_toolkit.concepts.conditional import OUTPUT, CondAttribution
 from crp_toolkit.data.loading import gather
@@ -315,11 +316,12 @@ def localise_references(
     view: ViewOptions = ViewOptions(),
     batch_size: int = 32,
     cache: bool = True,
+    progress: bool = False,
 ) -> LocalisedReferences:
     """Localise the ``k`` best references (all rows of the table by default) of ``concepts``
     (all by default) of the table's layer, as described in the module docstring. With
     ``cache``, a result computed before for the same key is read back from the store, and a
-    new one is written there."""
+    new one is written there. With ``progress``, a bar of the references done on stderr."""
     ids, samples = _selection(references, concepts, k)
     provenance = check_provenance(analyzer, dataset, store, dataset_description)
     meta = {
@@ -347,9 +349,11 @@ def localise_references(
         raise ValueError(f"localised references need images (C, H, W), got {images.shape[1:]}")
     classes = store.samples(provenance["explain"]).vindex[samples]  # reads only their chunks
     concept_of = np.broadcast_to(ids, samples.shape).ravel()
-    heatmaps, layer_maps = conditional_maps(
-        analyzer, images, classes.ravel(), references.layer, concept_of, batch_size
-    )
+    desc = f"localise {references.layer} ({references.mode})"
+    with tqdm(total=len(images), desc=desc, unit="ref", leave=False, disable=not progress) as bar:
+        heatmaps, layer_maps = conditional_maps(
+            analyzer, images, classes.ravel(), references.layer, concept_of, batch_size, bar=bar
+        )
     if references.mode == "activation":
         rows, columns = np.broadcast_arrays(samples, ids[None, :])
         argmax = store.layer(references.layer, "act_argmax").vindex[rows, columns]
@@ -391,11 +395,12 @@ def conditional_maps(
     layer: str,
     concepts: Sequence[int],
     batch_size: int = 32,
+    bar: tqdm | None = None,
 ) -> tuple[Tensor, Tensor]:
     """For pairs (image i, concept ``concepts[i]``), explaining ``classes[i]``: the input
     heatmap of the concept (P, H, W) and the relevance of its channel at ``layer`` (P, ...),
     as ``CondAttribution`` gives them for ``{"y": classes[i], layer: [concepts[i]]}``, with
-    ``batch_size`` pairs per call (every pair its own row)."""
+    ``batch_size`` pairs per call (every pair its own row), each call advancing ``bar``."""
     attribution = CondAttribution(analyzer)
     like = next(analyzer.model.parameters(), images)
     heat, maps = [], []
@@ -411,6 +416,8 @@ def conditional_maps(
         relevance = result.relevances[layer]
         heat.append(result.heatmaps.float().cpu())
         maps.append(relevance[torch.arange(len(x), device=x.device), chosen].float().cpu())
+        if bar is not None:
+            bar.update(len(x))
     return torch.cat(heat), torch.cat(maps)
 
 
