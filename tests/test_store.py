@@ -42,7 +42,7 @@ def test_store_holds_what_direct_computation_gives(analyzer, fashion_data, tmp_p
         dataset_description="fashion-64",
         chunk=16,
         progress=False,
-    )
+    ).path
     store = ct.store.open(path)
     assert store.complete and store.layers == ["conv2", "linear1"]
     valid = store.samples("valid")[:]
@@ -66,7 +66,7 @@ def test_store_holds_what_direct_computation_gives(analyzer, fashion_data, tmp_p
     np.testing.assert_array_equal(store.samples("label")[:][keep], y[keep].numpy())
     np.testing.assert_array_equal(store.samples("prediction")[:][keep], fp.output.argmax(1))
     attrs = store.attrs
-    assert attrs["schema_version"] == 2 and attrs["provenance"]["explain"] == "label"
+    assert attrs["schema_version"] == 3 and attrs["provenance"]["explain"] == "label"
     with pytest.raises(KeyError, match="holds"):
         store.layer("conv9")
 
@@ -82,7 +82,7 @@ def test_a_store_from_another_composite_is_refused_untouched(analyzer, fashion_d
         dataset_description="d",
         chunk=16,
         progress=False,
-    )
+    ).path
     before = _digest(path)
     other = ct.LRP(analyzer.model, ct.composites.EpsilonPlusFlat())
     with pytest.raises(StoreMismatchError, match="nothing was changed"):
@@ -124,6 +124,7 @@ def _done(store: Path) -> int:
         return 0
 
 
+@pytest.mark.fashion
 def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     killed, whole = tmp_path / "killed.zarr", tmp_path / "whole.zarr"
     proc = subprocess.Popen(
@@ -180,6 +181,7 @@ def single_store(tmp_path_factory):
     return tmp / "s.zarr"
 
 
+@pytest.mark.fashion
 def test_two_shards_in_a_joblib_multirun_give_the_single_process_result(single_store, tmp_path):
     store = tmp_path / "sharded.zarr"
     run = cli(
@@ -197,6 +199,7 @@ def test_two_shards_in_a_joblib_multirun_give_the_single_process_result(single_s
     _assert_same_store(single_store, store)
 
 
+@pytest.mark.fashion
 def test_two_torchrun_ranks_give_the_single_process_result(single_store, tmp_path):
     store = tmp_path / "ranks.zarr"
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -240,7 +243,7 @@ def test_reference_samples_match_zennit_crp_feature_visualization(fashion_model,
         dataset_description="fashion-512",
         chunk=128,
         progress=False,
-    )
+    ).path
     zennit = CondAttribution(ZennitFashion(copy.deepcopy(model)))
     fv = FeatureVisualization(
         zennit, data, {"m.conv2": ChannelConcept()}, path=str(tmp_path / "fv")
@@ -262,7 +265,7 @@ def test_relevance_maps_sum_to_the_concept_relevance(analyzer, fashion_data, tmp
         chunk=16,
         progress=False,
         maps=True,
-    )
+    ).path
     store = ct.store.open(path)
     maps = store.layer("conv2", "maps")
     assert maps.shape == (32, 16, 12, 12) and maps.dtype == np.float16

@@ -6,15 +6,19 @@ them. ``model``, ``dataset`` and ``composite`` are free-form ``_target_`` nodes 
 
 from __future__ import annotations
 
+import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 # `run` runs the others in this order (evaluate only on data with ground truth)
 PIPELINE = ("explain", "analyze", "mine", "atlas", "evaluate")
-STAGES = (*PIPELINE, "run")
+STAGES = (*PIPELINE, "run", "verify")
+# part of each run folder's name (``${run_id:}``): two runs started in the same second differ
+RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:4]}"
 
 
 @dataclass
@@ -111,4 +115,39 @@ class Config:
 
 
 def register() -> None:
+    """The schema, and the ``run_id`` resolver the run folders' names use."""
     ConfigStore.instance().store(name="base_config", node=Config)
+    OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse values that would fail later (or silently do the wrong thing), all at once,
+    naming each key, its value and what it must be."""
+    problems = []
+    for key, value in (
+        ("store.chunk", cfg.store.chunk),
+        ("loader.batch_size", cfg.loader.batch_size),
+        ("analysis.shards", cfg.analysis.shards),
+    ):
+        if value < 1:
+            problems.append(f"{key}={value} must be at least 1")
+    if cfg.analysis.limit is not None and cfg.analysis.limit < 1:
+        problems.append(f"analysis.limit={cfg.analysis.limit} must be at least 1 (or null: all)")
+    if not 0 <= cfg.analysis.shard < max(cfg.analysis.shards, 1):
+        problems.append(f"analysis.shard={cfg.analysis.shard} must be in 0..shards-1")
+    if cfg.loader.num_workers < 0:
+        problems.append(f"loader.num_workers={cfg.loader.num_workers} must be at least 0")
+    if cfg.loader.on_error not in ("skip", "fail"):
+        problems.append(f"loader.on_error={cfg.loader.on_error!r} must be 'skip' or 'fail'")
+    if cfg.analysis.explain not in ("label", "prediction"):
+        problems.append(f"analysis.explain={cfg.analysis.explain!r} must be label or prediction")
+    problems += _store_path_problems(cfg)
+    if problems:
+        raise ValueError("bad config: " + "; ".join(problems))
+
+
+def _store_path_problems(cfg: DictConfig) -> list[str]:
+    from crp_toolkit.store.zarr_store import store_path_problem  # torch and zarr: only now
+
+    problem = cfg.store.path and store_path_problem(cfg.store.path)
+    return [f"store.path={cfg.store.path}: {problem}"] if problem else []

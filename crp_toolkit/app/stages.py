@@ -16,10 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
 import crp_toolkit as ct
-from crp_toolkit.app.schema import PIPELINE
+from crp_toolkit.app.schema import PIPELINE, check_config
 from crp_toolkit.atlas.figures import concept_figure
 from crp_toolkit.data.loading import first_readable, gather
-from crp_toolkit.store.analysis import analyze_dataset
+from crp_toolkit.store.analysis import analyze_dataset, report_unmerged
+from crp_toolkit.store.tables import merge_when_complete
+from crp_toolkit.store.verify import verify as verify_store
 
 log = logging.getLogger("crp_toolkit")
 
@@ -31,13 +33,16 @@ def run(cfg: DictConfig) -> None:
     from crp_toolkit.app.mine import mine
     from crp_toolkit.mining.discovery import has_ground_truth
 
+    check_config(cfg)  # every bad value refused before any work
     out = Path(HydraConfig.get().runtime.output_dir)
+    claim_output(out)
     stages = {
         "explain": explain,
         "analyze": analyze,
         "mine": mine,
         "atlas": atlas,
         "evaluate": evaluate,
+        "verify": verify,
     }
     if cfg.stage != "run":
         stages[cfg.stage](cfg, out)
@@ -60,6 +65,7 @@ class Loaded:
     dataset: Dataset
     description: str
     analyzer: ct.LRP
+    classes: int  # the model's outputs
 
 
 def load(cfg: DictConfig) -> Loaded:
@@ -73,28 +79,67 @@ def load(cfg: DictConfig) -> Loaded:
     analyzer = ct.LRP(
         model, instantiate(cfg.composite), normalize_output_relevance=cfg.output_relevance == "one"
     )
-    _check_classes(model, dataset, cfg.device)
+    if len(dataset) == 0:
+        raise ValueError(f"the dataset is empty: check its config ({cfg.dataset})")
+    outputs = _check_classes(analyzer, dataset, cfg.device)
     if cfg.analysis.limit is not None:
         dataset = Subset(dataset, range(min(cfg.analysis.limit, len(dataset))))
-    return Loaded(dataset, dataset_description(cfg), analyzer)
+    return Loaded(dataset, dataset_description(cfg), analyzer, outputs)
 
 
-def _check_classes(model, dataset, device: str) -> None:
-    with torch.no_grad():
-        outputs = model(first_readable(dataset)[None].to(device)).shape[-1]
+def _check_classes(analyzer: ct.LRP, dataset, device: str) -> int:
+    """The model's output count, from one sample; images the model cannot read (channels,
+    dimensions) and a class count that differs from the dataset's are refused here."""
+    image = first_readable(dataset)
+    try:
+        with torch.no_grad():
+            outputs = analyzer.forward(image[None].to(device)).output.shape[-1]
+    except ValueError as err:
+        raise ValueError(
+            f"the dataset's images have shape {tuple(image.shape)}, which the model cannot read: "
+            f"{err}. Choose the dataset (or its transform) that matches the model"
+        ) from err
     classes = getattr(dataset, "classes", None)
     if classes is not None and len(classes) != outputs:
         raise ValueError(
             f"the dataset has {len(classes)} classes but the model has {outputs} outputs; "
             "choose the matching model (e.g. model.num_classes) or dataset"
         )
+    return outputs
+
+
+def claim_output(out: Path) -> None:
+    """Mark the run folder as this process's; a folder in use by another live process is
+    refused (two runs never mix their reports, configs and figures)."""
+    claim = out / ".crp_toolkit_run"
+    try:
+        holder = int(claim.read_text())
+    except (OSError, ValueError):
+        holder = None
+    if holder not in (None, os.getpid()) and _alive(holder):
+        raise FileExistsError(
+            f"the output folder {out} is in use by another run (pid {holder}); give this run "
+            "its own folder (hydra.run.dir=...)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    claim.write_text(str(os.getpid()))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def explain(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     """LRP heatmaps of the chosen inputs, and each input's most relevant concepts."""
     loaded = loaded or load(cfg)
     dataset, analyzer = loaded.dataset, loaded.analyzer
-    batch = gather(dataset, list(cfg.explain.indices), **cfg.loader)
+    batch = gather(dataset, list(cfg.explain.indices), classes=loaded.classes, **cfg.loader)
     report = {"explained": batch.indices, "skipped": batch.skipped}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     for skipped in batch.skipped:
@@ -103,11 +148,6 @@ def explain(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
         raise RuntimeError(f"none of explain.indices could be read; see {out / 'report.json'}")
     x = batch.images.to(cfg.device)
     expl = ct.analyze(x, analyzer, cfg.explain.target)
-    if (batch.labels >= expl.output.shape[1]).any():
-        raise ValueError(
-            f"labels {sorted(set(batch.labels.tolist()))} exceed the model's "
-            f"{expl.output.shape[1]} classes; is this the model for this dataset?"
-        )
     names = class_names(dataset, expl.output.shape[1])
     titles = [
         f"{names[y]} -> {names[t]}"
@@ -130,7 +170,7 @@ def analyze(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     shard, shards = _shard(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     config["analysis"].pop("shard")  # provenance is the same for every shard
-    analyze_dataset(
+    report = analyze_dataset(
         loaded.analyzer,
         loaded.dataset,
         list(cfg.concepts.layers),
@@ -148,7 +188,17 @@ def analyze(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
         k_class=cfg.store.class_tables_k,
         logits_k=cfg.store.logits_k,
         top_heatmaps=cfg.store.top_heatmaps,
+        class_names=class_names(loaded.dataset, loaded.classes),
     )
+    summary = {
+        "store": str(report.path),
+        "computed": report.computed,
+        "recomputed": {str(unit): problems for unit, problems in report.recomputed.items()},
+        "skipped": report.skipped,
+    }
+    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    if report.skipped:
+        log.warning("%d samples could not be read; listed in %s", len(report.skipped), out)
     if shards > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank's chunks are in
     status = "complete" if ct.store.open(store).complete else "partial (other shards pending)"
@@ -171,10 +221,30 @@ def open_store(cfg: DictConfig, out: Path) -> ct.store.Store:
     store = ct.store.open(path)
     if not store.complete:
         raise RuntimeError(
-            f"the store at {path} is unfinished (some chunks or shards are missing): run "
-            "`crp-toolkit analyze` again with the same store.path to finish it"
+            f"the store at {path} is unfinished (some chunks or shards are missing, or files "
+            "of finished ones were lost): run `crp-toolkit analyze` again with the same "
+            "store.path to finish it (`crp-toolkit verify` names what is missing)"
         )
+    if (store.attrs["k"] or store.attrs["k_class"]) and not store.attrs.get("tables_merged"):
+        if merge_when_complete(path):  # an earlier merge was interrupted: finish it
+            log.info("merged the reference tables of %s (an earlier merge did not finish)", path)
+            store = ct.store.open(path)
+        else:
+            report_unmerged(path)
     return store
+
+
+def verify(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
+    """Decode every unit of the store and check it against its digest; name what is damaged
+    (``verify.json``), failing when anything is."""
+    path = store_path(cfg, out)
+    if not (path / "zarr.json").exists():
+        raise FileNotFoundError(f"there is no dataset store at {path}: give store.path=...")
+    found = verify_store(path, progress=True)
+    (out / "verify.json").write_text(json.dumps(found.to_dict(), indent=2))
+    print(found.summary())
+    if not found.ok:
+        raise RuntimeError(f"the store at {path} is not sound; see {out / 'verify.json'}")
 
 
 def open_run(run_dir: str | Path) -> tuple[DictConfig, Loaded, ct.store.Store]:

@@ -31,7 +31,7 @@ class NpzDataset(Dataset):
                 raise KeyError(f"{path} has no array(s) {missing}; it holds {sorted(data.files)}")
             images, labels = data[images_key], data[labels_key]
         self.images = _channels_first(images)
-        self.labels = labels.astype(np.int64)
+        self.labels = _integral(labels, path)
         self.scale = scale
         if len(self.images) != len(self.labels):
             raise ValueError(f"{path}: {len(self.images)} images but {len(self.labels)} labels")
@@ -42,6 +42,17 @@ class NpzDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image = torch.from_numpy(self.images[index].astype(np.float32) / self.scale)
         return image, int(self.labels[index])
+
+
+def _integral(labels: np.ndarray, path: Path) -> np.ndarray:
+    """The labels as int64; fractional (or non-numeric) ones are refused, naming them."""
+    if not np.issubdtype(labels.dtype, np.number) or labels.ndim != 1:
+        raise ValueError(f"{path}: labels must be a 1-D array of class ids, got {labels.dtype}")
+    bad = np.flatnonzero(~np.isfinite(labels) | (labels != np.round(labels)))
+    if bad.size:
+        listed = ", ".join(f"sample {i}: {labels[i]}" for i in bad[:10])
+        raise ValueError(f"{path}: labels must be integer class ids ({listed})")
+    return labels.astype(np.int64)
 
 
 def _channels_first(images: np.ndarray) -> np.ndarray:

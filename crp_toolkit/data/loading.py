@@ -1,5 +1,7 @@
 """Feeding data to the pipeline: a DataLoader with workers and pinned memory, tolerant of
-samples that cannot be read (skipped and reported, or failing the run, by config)."""
+samples that cannot be read or hold NaN/inf (skipped and reported, or failing the run, by
+config); labels that are not integral, or out of range for the model, are refused, naming the
+dataset indices."""
 
 from __future__ import annotations
 
@@ -15,6 +17,18 @@ class UnreadableSampleError(RuntimeError):
     """A sample of the dataset could not be read."""
 
 
+class BadLabelError(ValueError):
+    """Labels of the dataset are not class ids of the model."""
+
+
+def _label(label) -> int:
+    """An integral label as int; a fractional or non-numeric one raises ValueError."""
+    value = label.item() if hasattr(label, "item") else label
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise ValueError(f"label {value!r} is not an integer class id")
+    return int(value)
+
+
 @dataclass
 class Batch:
     """Images, labels and dataset indices of the samples that could be read."""
@@ -23,6 +37,7 @@ class Batch:
     labels: Tensor
     indices: list[int]
     skipped: list[dict] = field(default_factory=list)  # {"index": i, "error": "..."}
+    bad_labels: list[tuple[int, str]] = field(default_factory=list)  # (index, what is wrong)
 
     def pin_memory(self) -> Batch:
         """The batch in page-locked memory (what a DataLoader with ``pin_memory`` calls), so
@@ -45,17 +60,41 @@ class _Tolerant(Dataset):
             image, label = self.dataset[index]
         except Exception as err:  # any reader error: a corrupt file, a bad array...
             return index, None, f"{type(err).__name__}: {err}"
-        return index, torch.as_tensor(image), int(label)
+        image = torch.as_tensor(image)
+        if image.is_floating_point() and not torch.isfinite(image).all():
+            return index, None, "the image contains NaN or inf"
+        try:
+            return index, image, _label(label)
+        except (TypeError, ValueError) as err:
+            return index, image, err  # a bad label is refused, not skipped
 
 
 def _collate(items):
-    good = [(i, x, y) for i, x, y in items if x is not None]
+    wrong = [(i, str(y)) for i, x, y in items if x is not None and isinstance(y, Exception)]
+    good = [(i, x, y) for i, x, y in items if x is not None and not isinstance(y, Exception)]
     bad = [{"index": i, "error": e} for i, x, e in items if x is None]
     if not good:
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), [], bad)
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), [], bad, wrong)
     images = torch.stack([x for _, x, _ in good])
     labels = torch.tensor([y for _, _, y in good])
-    return Batch(images, labels, [i for i, _, _ in good], bad)
+    return Batch(images, labels, [i for i, _, _ in good], bad, wrong)
+
+
+def _bad_labels(found: Sequence[tuple[int, str]]) -> str:
+    listed = ", ".join(f"sample {i}: {why}" for i, why in found[:10])
+    more = f" and {len(found) - 10} more" if len(found) > 10 else ""
+    return f"bad labels ({listed}{more}); labels must be integer class ids of the model"
+
+
+def check_labels(batch: Batch, classes: int) -> None:
+    """Refuse labels outside ``[0, classes)``, naming the samples (at most 10) and values."""
+    out = (batch.labels < 0) | (batch.labels >= classes)
+    found = [
+        (batch.indices[j], f"label {int(batch.labels[j])} not in 0..{classes - 1}")
+        for j in out.nonzero().flatten().tolist()
+    ]
+    if found:
+        raise BadLabelError(_bad_labels(found))
 
 
 def grouped(
@@ -65,11 +104,13 @@ def grouped(
     num_workers: int = 0,
     pin_memory: bool = False,
     on_error: str = "skip",
+    classes: int | None = None,
 ):
     """Yield one :class:`Batch` per group of dataset indices, in order, all read by one
-    DataLoader (its workers live across groups and read ahead). Unreadable samples are
-    listed in ``Batch.skipped`` (``on_error="skip"``) or raise UnreadableSampleError
-    (``"fail"``) naming the sample and what went wrong."""
+    DataLoader (its workers live across groups and read ahead). Unreadable samples (and
+    images holding NaN or inf) are listed in ``Batch.skipped`` (``on_error="skip"``) or raise
+    UnreadableSampleError (``"fail"``) naming the sample and what went wrong. Labels that are
+    not integers, or (given ``classes``) not in ``[0, classes)``, raise BadLabelError."""
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     bad = [i for group in groups for i in group if not 0 <= i < len(dataset)]
@@ -85,6 +126,10 @@ def grouped(
         collate_fn=_collate,
     )
     for batch in loader:
+        if batch.bad_labels:
+            raise BadLabelError(_bad_labels(batch.bad_labels))
+        if classes is not None:
+            check_labels(batch, classes)
         if batch.skipped and on_error == "fail":
             first = batch.skipped[0]
             raise UnreadableSampleError(
@@ -110,6 +155,8 @@ def batches(
 
 def first_readable(dataset: Dataset, tries: int = 64) -> Tensor:
     """The first sample image that can be read (for shape and class-count checks)."""
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: check its path (and analysis.limit)")
     tolerant, tries = _Tolerant(dataset), min(tries, len(dataset))
     for i in range(tries):
         _, image, _ = tolerant[i]
@@ -130,4 +177,13 @@ def gather(dataset: Dataset, indices: Sequence[int], **loader_options) -> Batch:
     return Batch(images, labels, [i for b in kept for i in b.indices], skipped)
 
 
-__all__ = ["Batch", "UnreadableSampleError", "batches", "first_readable", "gather", "grouped"]
+__all__ = [
+    "BadLabelError",
+    "Batch",
+    "UnreadableSampleError",
+    "check_labels",
+    "batches",
+    "first_readable",
+    "gather",
+    "grouped",
+]

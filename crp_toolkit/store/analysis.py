@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,10 @@ from crp_toolkit.data.loading import first_readable, grouped
 from crp_toolkit.engine.explanation import explain as explain_batch
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.store.tables import SOURCES, chunk_tables, merge_when_complete
+from crp_toolkit.store.verify import damaged_units
 from crp_toolkit.store.zarr_store import (
     Layout,
+    Store,
     create_or_resume,
     dataset_fingerprint,
     done_chunks,
@@ -161,6 +164,34 @@ def finish_chunk(group: zarr.Group, layout: Layout, chunk: int, arrays: dict) ->
     write_chunk(group, layout, chunk, arrays)
 
 
+@dataclass(frozen=True)
+class AnalysisReport:
+    """What one ``analyze_dataset`` call did: the store, the units (chunks) it computed, those
+    among them recomputed because their files were missing or damaged (with the problems), and
+    the samples it could not read (``{"index", "error"}``, stored as ``valid=False``)."""
+
+    path: Path
+    computed: list[int] = field(default_factory=list)
+    recomputed: dict[int, list[str]] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+
+
+def _positive(**counts) -> None:
+    bad = {key: value for key, value in counts.items() if value is not None and value <= 0}
+    if bad:
+        raise ValueError(f"{bad} must be at least 1")
+
+
+def _damaged(path: Path, units: list[int], progress: bool) -> dict[int, list[str]]:
+    """The finished units among ``units`` whose files are missing or damaged, each logged."""
+    found = damaged_units(Store(path), units, progress) if units else {}
+    for unit, problems in found.items():
+        log.warning(
+            "unit %d of %s is damaged and is recomputed: %s", unit, path, "; ".join(problems)
+        )
+    return found
+
+
 def analyze_dataset(
     analyzer: LRP,
     dataset: Dataset,
@@ -181,7 +212,8 @@ def analyze_dataset(
     k_class: int = 8,
     logits_k: int = 0,
     top_heatmaps: int = 0,
-) -> Path:
+    class_names: Sequence[str] = (),
+) -> AnalysisReport:
     """Run the analysis pass into the store at ``path`` (created, or resumed). With
     ``shards > 1`` this process does the chunks ``c`` with ``c % shards == shard``; shards may
     run at the same time (each writes only its own chunks). A chunk is read whole (one loader
@@ -192,7 +224,17 @@ def analyze_dataset(
     and concept; 0 disables), merged by whichever process finds the store complete.
     ``logits_k``: with more classes than this, keep only each sample's top ``logits_k``
     logits (0 keeps all). ``top_heatmaps``: store the input-space conditional heatmaps of each
-    sample's ``top_heatmaps`` most relevant concepts per layer (float16; 0: none)."""
+    sample's ``top_heatmaps`` most relevant concepts per layer (float16; 0: none).
+    ``class_names`` label the store's class coordinate.
+
+    Finished chunks of a resumed store are checked first (files present, checksums, digests)
+    and the damaged ones recomputed. Returns what was done (:class:`AnalysisReport`)."""
+    options = dict(loader_options or {})
+    batch_size = options.pop("batch_size", None)
+    batch_size = chunk if batch_size is None else batch_size  # None: the whole chunk at once
+    _positive(chunk=chunk, batch_size=batch_size, shards=shards)
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: check its path (and analysis.limit)")
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} out of range for {shards} shards")
     if explain not in ("label", "prediction"):
@@ -203,6 +245,9 @@ def analyze_dataset(
     negative = {key: value for key, value in counts.items() if value < 0}
     if negative:
         raise ValueError(f"{negative} must be at least 0 (0 disables the option)")
+    on_error = options.get("on_error", "skip")
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"loader.on_error must be 'skip' or 'fail', got {on_error!r}")
     probe_x = first_readable(dataset)
     if top_heatmaps and probe_x.dim() < 2:
         raise ValueError(
@@ -221,7 +266,12 @@ def analyze_dataset(
         maps,
         **counts,
         input_shape=tuple(probe_x.shape[1:]),
+        class_names=tuple(str(name) for name in class_names),
     )
+    if class_names and len(class_names) != layout.classes:
+        raise ValueError(
+            f"{len(class_names)} class names for a model with {layout.classes} outputs"
+        )
     provenance = {
         "model": model_fingerprint(analyzer.model),
         "dataset": dataset_fingerprint(dataset, dataset_description),
@@ -232,14 +282,18 @@ def analyze_dataset(
         "config": config or {},
     }
     group = create_or_resume(path, layout, provenance)
+    path = Path(path).resolve()
+    mine = range(shard, layout.n_chunks, shards)
     finished = done_chunks(group)
-    todo = [c for c in range(shard, layout.n_chunks, shards) if c not in finished]
-    options = dict(loader_options or {})
-    batch_size = options.pop("batch_size", None) or chunk
+    damaged = _damaged(path, [c for c in mine if c in finished], progress)
+    for c in damaged:
+        group["progress/done"][c] = False
+    todo = [c for c in mine if c not in finished or c in damaged]
+    skipped: list[dict] = []
     # one loader reads the chunks (its workers read ahead); the tables and the write of a
     # chunk run in a thread while the next chunk is explained (numpy, zarr's codecs and
     # torch release the GIL); one written chunk waits at most
-    chunks = grouped(dataset, [layout.rows(c) for c in todo], **options)
+    chunks = grouped(dataset, [layout.rows(c) for c in todo], classes=layout.classes, **options)
     samples = sum(len(layout.rows(c)) for c in todo)
     bar = tqdm(total=samples, desc="analyze", unit="img", disable=not progress)
     with bar, ThreadPoolExecutor(1) as writer:
@@ -247,6 +301,9 @@ def analyze_dataset(
         for c, batch in zip(todo, chunks, strict=True):
             rows = layout.rows(c)
             arrays = layout.empty(len(rows))
+            for bad in batch.skipped:
+                log.warning("sample %d could not be read: %s", bad["index"], bad["error"])
+            skipped += batch.skipped
             if batch.indices:
                 at = np.array(batch.indices) - rows.start
                 images = batch.images.to(device, non_blocking=True)  # pinned by the loader
@@ -260,16 +317,22 @@ def analyze_dataset(
         if pending is not None:
             pending.result()
     if (layout.k or layout.k_class) and not merge_when_complete(path):
-        _report_unmerged(Path(path))
-    return Path(path)
+        report_unmerged(path)
+    return AnalysisReport(path, todo, damaged, skipped)
 
 
-def _report_unmerged(path: Path) -> None:
+def report_unmerged(path: Path) -> None:
+    """Warn when a complete store's tables are not merged because another process holds the
+    merge lock (references are then mined from the score matrices, exactly but slower)."""
     group = zarr.open_group(path, mode="r")
     if group["progress/done"][:].all() and not group.attrs.get("tables_merged"):
+        lock = path.with_name(f"{path.name}.merging")
+        holder = lock.read_text().strip() if lock.exists() else "?"
         log.warning(
-            "the reference tables of %s are not merged: another process holds %s.merging; "
-            "if none does, delete that file and run crp_toolkit.store.tables.merge_tables",
+            "the reference tables of %s are not merged: another process (host and pid: %s) "
+            "holds %s; if none does, delete that file and run "
+            "crp_toolkit.store.tables.merge_tables (or any stage that reads the store)",
             path,
-            path.name,
+            holder,
+            lock,
         )

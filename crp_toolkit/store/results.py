@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from crp_toolkit.store.integrity import COMPRESSOR, WRITE_ALL, CheckedArray
+
 ROOT = "derived"
 
 
@@ -62,6 +64,8 @@ def write_result(
             dtype=values.dtype,
             chunks=tuple(max(1, n) for n in values.shape),
             dimension_names=names,
+            compressors=COMPRESSOR,
+            config=WRITE_ALL,
         )[...] = values
     group.attrs.update({"result": name, **dict(attrs or {})})
 
@@ -73,7 +77,7 @@ def read_result(path: str | Path, name: str) -> Result | None:
     group = root.get(key)
     if not isinstance(group, zarr.Group) or group.attrs.get("result") != name:
         return None  # absent, or only a folder of other results
-    arrays = {k: np.asarray(v[...]) for k, v in group.arrays()}
+    arrays = {k: np.asarray(CheckedArray(v, Path(path))[...]) for k, v in group.arrays()}
     return Result(arrays, dict(group.attrs))
 
 

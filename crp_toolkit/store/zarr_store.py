@@ -1,6 +1,8 @@
 """The dataset store: per-sample concept relevance and activation statistics in Zarr 3.
 
-Schema (version 2); every array has ``dimension_names`` so xarray can open it::
+Schema (version 3); every array has ``dimension_names`` and each group its coordinates
+(``sample``, ``class``, ``concept``, ``chunk_index``, ``spec``), so
+``xarray.open_zarr(path, group="layers/<name>")`` gives labelled data::
 
     <store>/                      attrs: schema_version, provenance{model, dataset, composite,
                                          package_version, config}, n_samples, chunk, classes,
@@ -13,6 +15,9 @@ Schema (version 2); every array has ``dimension_names`` so xarray can open it::
       samples/top_logits  (sample, rank)      float32 the ``logits_k`` largest logits
       samples/top_classes (sample, rank)      int64   their classes (ties: lower class first)
       samples/valid      (sample,)            bool    False where the sample could not be read
+      samples/sample, layers/<name>/sample (sample,) int64  coordinates: sample ids
+      samples/class      (class,)             str     coordinate: class names (or ids)
+      layers/<name>/concept (concept,)        int64   coordinate: concept ids
       layers/<name>/relevance   (sample, concept) float32  summed over space, explaining the
                                                            label (or prediction), unnormalised
       layers/<name>/normaliser  (sample,)         float32  sum of |relevance| over concepts
@@ -34,13 +39,17 @@ Schema (version 2); every array has ``dimension_names`` so xarray can open it::
                                          class's ``k_class`` best samples of each concept,
                                          sorted by (label, -score), -1 / -inf padding
       progress/done      (chunk,)             bool    set after a chunk's rows are all written
+      progress/digest    (chunk, byte)        uint8   SHA-256 of what the chunk wrote (every
+                                                      array's rows), checked by ``verify``
       derived/tables/<layer>/<spec>        the merged tables (see ``tables.merge_tables``)
       derived/class_tables/<layer>/<spec>
 
 ``spec`` runs over ``tables.SPECS`` (mode x target x normalised, names in attrs ``specs``).
 A *chunk* of ``chunk`` rows is the unit of work: one writer writes it whole (one write per
 array, chunks aligned to it; the per-chunk tables too), then marks it done; a run killed at
-any moment and started again redoes only unfinished chunks.
+any moment and started again redoes only unfinished chunks, and a chunk whose files were
+deleted or damaged since (found by ``check_unit``: missing files, failed zstd checksums,
+digest mismatch) is recomputed.
 """
 
 from __future__ import annotations
@@ -58,9 +67,17 @@ import torch
 import zarr
 from torch import nn
 
+from crp_toolkit.store.integrity import (
+    COMPRESSOR,
+    DIGEST_BYTES,
+    WRITE_ALL,
+    CheckedArray,
+    chunk_file,
+    unit_digest,
+)
 from crp_toolkit.store.tables import SPECS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # what makes two runs compute the same numbers: a store is only continued by a run that agrees
 IDENTITY = ("model", "dataset", "composite", "explain", "output_relevance")
 
@@ -88,6 +105,23 @@ class Layout:
     logits_k: int = 0
     top_heatmaps: int = 0
     input_shape: tuple[int, ...] = ()
+    class_names: tuple[str, ...] = ()  # coordinates only (the dataset's fingerprint decides)
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping) -> Layout:
+        """The layout of a store from its root attributes."""
+        return cls(
+            n_samples=attrs["n_samples"],
+            chunk=attrs["chunk"],
+            classes=attrs["classes"],
+            layers={name: tuple(shape) for name, shape in attrs["layers"].items()},
+            maps=attrs["maps"],
+            k=attrs["k"],
+            k_class=attrs["k_class"],
+            logits_k=attrs["logits_k"],
+            top_heatmaps=attrs["top_heatmaps"],
+            input_shape=tuple(attrs["input_shape"]),
+        )
 
     @property
     def n_chunks(self) -> int:
@@ -176,7 +210,15 @@ class Layout:
             "specs": [spec.name for spec in SPECS] if self.k or self.k_class else [],
             "logits_k": self.logits_k if self.top_logits else 0,
             "top_heatmaps": self.top_heatmaps,
+            "input_shape": list(self.input_shape),
         }
+
+    def unit(self) -> dict[str, tuple[str, bool]]:
+        """Every array a unit of work (a chunk) writes: path -> (dtype, whether it is a
+        per-chunk array, indexed by the chunk, rather than by the chunk's rows)."""
+        rows = {path: (dtype, False) for path, (_, dtype, _) in self.arrays().items()}
+        chunks = {path: (spec[1], True) for path, spec in self.chunk_arrays().items()}
+        return {**rows, **chunks}
 
     def empty(self, rows: int) -> dict[str, np.ndarray]:
         """Zeroed arrays for ``rows`` samples (rows that cannot be read stay zero)."""
@@ -206,66 +248,191 @@ def dataset_fingerprint(dataset, description: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _array(group: zarr.Group, path: str, shape, chunks, dtype, dims, fill=0) -> None:
-    group.create_array(
-        path, shape=shape, chunks=chunks, dtype=dtype, dimension_names=dims, fill_value=fill
+def _array(group: zarr.Group, path: str, shape, chunks, dtype, dims, fill=0) -> zarr.Array:
+    return group.create_array(
+        path,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        dimension_names=dims,
+        fill_value=fill,
+        compressors=COMPRESSOR,
+        config=WRITE_ALL,
     )
+
+
+def _coordinates(group: zarr.Group, layout: Layout) -> None:
+    """The labels of the store's dimensions, as xarray coordinates (written once)."""
+    n, c = layout.n_samples, layout.chunk
+    samples = np.arange(n, dtype=np.int64)
+    _array(group, "samples/sample", (n,), (c,), "int64", ["sample"])[:] = samples
+    names = layout.class_names or tuple(str(k) for k in range(layout.classes))
+    _array(group, "samples/class", (layout.classes,), (layout.classes,), str, ["class"], "")[:] = (
+        np.array(names, dtype=object)
+    )
+    spec_names = np.array([spec.name for spec in SPECS], dtype=object)
+    for name, shape in layout.layers.items():
+        _array(group, f"layers/{name}/sample", (n,), (c,), "int64", ["sample"])[:] = samples
+        concepts = np.arange(shape[0], dtype=np.int64)
+        _array(group, f"layers/{name}/concept", (shape[0],), (shape[0],), "int64", ["concept"])[
+            :
+        ] = concepts
+        if layout.k or layout.k_class:
+            tables, chunks = f"layers/{name}/tables", layout.n_chunks
+            ids = np.arange(chunks, dtype=np.int64)
+            _array(group, f"{tables}/chunk_index", (chunks,), (chunks,), "int64", ["chunk_index"])[
+                :
+            ] = ids
+            _array(group, f"{tables}/spec", (len(SPECS),), (len(SPECS),), str, ["spec"], "")[:] = (
+                spec_names
+            )
+            _array(group, f"{tables}/concept", (shape[0],), (shape[0],), "int64", ["concept"])[
+                :
+            ] = concepts
+
+
+def store_path_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot hold a store (a file, or a non-empty folder that is not a store);
+    None when it can (a store, an empty folder, or nothing yet)."""
+    path = Path(path).resolve()
+    if (path / "zarr.json").exists() or not path.exists():
+        return None
+    if not path.is_dir():
+        return f"the store path {path} is a file; give a folder such as stores/data.zarr"
+    if any(path.iterdir()):
+        return (
+            f"the store path {path} is a non-empty folder that is not a crp_toolkit store; "
+            "give a new path such as stores/data.zarr"
+        )
+    return None
+
+
+def _mismatch(stored: Mapping, wanted: Mapping) -> str:
+    """Only the keys whose values differ, with both values."""
+    keys = [k for k in wanted if stored.get(k) != wanted[k]]
+    return "; ".join(f"{k}: store has {stored.get(k)!r}, this run has {wanted[k]!r}" for k in keys)
 
 
 def create_or_resume(path: str | Path, layout: Layout, provenance: Mapping) -> zarr.Group:
     """Open the store at ``path`` to continue it, or create it. A store made with another
     model, dataset, composite, explained target or output relevance (or shape) is refused and
     left untouched."""
-    path = Path(path)
+    path = Path(path).resolve()
+    problem = store_path_problem(path)
+    if problem:
+        raise FileExistsError(f"{problem}; nothing was changed")
     identity = {k: provenance.get(k) for k in IDENTITY}
-    shape = layout.shape_attrs()
+    shape = {"schema_version": SCHEMA_VERSION, **layout.shape_attrs()}
     if (path / "zarr.json").exists():
         group = zarr.open_group(path, mode="r+")
         found = dict(group.attrs)
-        stored = {k: found.get("provenance", {}).get(k) for k in identity}
-        stored_shape = {k: found.get(k) for k in shape}
-        if stored != identity or stored_shape != shape:
+        if "schema_version" not in found:
+            raise StoreMismatchError(f"{path} is a zarr group but not a crp_toolkit store")
+        differ = _mismatch(found.get("provenance", {}), identity) or _mismatch(found, shape)
+        if differ:
             raise StoreMismatchError(
-                f"the store at {path} was made with {stored} and {stored_shape}, this run has "
-                f"{identity} and {shape}; nothing was changed. Use another store path, or "
-                "delete that store to start over."
+                f"the store at {path} does not fit this run: {differ}; nothing was changed. "
+                "Use another store path, or delete that store to start over."
             )
         return group
     staging = path.with_name(f"{path.name}.creating-{uuid.uuid4().hex[:8]}")
-    group = zarr.open_group(staging, mode="w")
+    try:
+        _create(staging, layout, {"provenance": dict(provenance), **shape})
+        os.rename(staging, path)  # made aside and renamed: shards never see a half-made store
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (path / "zarr.json").exists():
+            raise
+        return create_or_resume(path, layout, provenance)  # another shard made it first
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return zarr.open_group(path, mode="r+")
+
+
+def _create(path: Path, layout: Layout, attrs: Mapping) -> None:
+    group = zarr.open_group(path, mode="w")
     n, c = layout.n_samples, layout.chunk
     for array, (per_sample, dtype, dims) in layout.arrays().items():
         _array(group, array, (n, *per_sample), (c, *per_sample), dtype, list(dims))
     for array, (per_chunk, dtype, dims, fill) in layout.chunk_arrays().items():
         whole, chunks = (layout.n_chunks, *per_chunk), (1, *per_chunk)
         _array(group, array, whole, chunks, dtype, list(dims), fill)
+    _coordinates(group, layout)
     # one zarr chunk per work unit, so writers of different units never share a file
     _array(group, "progress/done", (layout.n_chunks,), (1,), "bool", ["chunk"])
-    group.attrs.update({"schema_version": SCHEMA_VERSION, "provenance": dict(provenance), **shape})
-    try:  # made aside and renamed: concurrent shards never see a half-made store
-        os.rename(staging, path)
-    except OSError:
-        shutil.rmtree(staging)
-        if not (path / "zarr.json").exists():
-            raise
-        return create_or_resume(path, layout, provenance)  # another shard made it first
-    return zarr.open_group(path, mode="r+")
+    digests = (layout.n_chunks, DIGEST_BYTES)
+    _array(group, "progress/digest", digests, (1, DIGEST_BYTES), "uint8", ["chunk", "byte"])
+    group.attrs.update(dict(attrs))
 
 
 def done_chunks(group: zarr.Group) -> set[int]:
     return {int(i) for i in np.flatnonzero(group["progress/done"][:])}
 
 
+def _selection(layout: Layout, chunk: int, per_chunk: bool):
+    return chunk if per_chunk else slice(layout.rows(chunk).start, layout.rows(chunk).stop)
+
+
 def write_chunk(
     group: zarr.Group, layout: Layout, chunk: int, arrays: Mapping[str, np.ndarray]
 ) -> None:
     """Write one chunk's rows of every per-sample array and its entry of every per-chunk array
-    (whole zarr chunks, one write each), then mark it done."""
-    rows = slice(layout.rows(chunk).start, layout.rows(chunk).stop)
-    per_chunk = layout.chunk_arrays()
+    (whole zarr chunks, one write each, empty ones too so that every file exists), then its
+    digest, then mark it done."""
+    unit = layout.unit()
+    arrays = {path: np.asarray(values, dtype=unit[path][0]) for path, values in arrays.items()}
     for path, values in arrays.items():
-        group[path][chunk if path in per_chunk else rows] = values
+        group[path].with_config(WRITE_ALL)[_selection(layout, chunk, unit[path][1])] = values
+    group["progress/digest"].with_config(WRITE_ALL)[chunk] = unit_digest(arrays)
     group["progress/done"][chunk] = True
+
+
+def _unit_files(group: zarr.Group, layout: Layout, chunk: int) -> list[str]:
+    """The chunk files (relative to the store root) a unit of work must have written."""
+    files = []
+    for path in layout.unit():  # a unit's rows (or its entry) are one zarr chunk: index chunk
+        array = group[path]
+        files.append(chunk_file(array, (chunk,) + (0,) * (array.ndim - 1)))
+    return files
+
+
+def missing_files(group: zarr.Group, root: Path, layout: Layout, chunks) -> dict[int, list[str]]:
+    """Per unit among ``chunks``: the chunk files that should exist and do not (cheap: no
+    file is read)."""
+    out = {}
+    for chunk in chunks:
+        missing = [name for name in _unit_files(group, layout, chunk) if not (root / name).exists()]
+        if missing:
+            out[chunk] = missing
+    return out
+
+
+def check_unit(group: zarr.Group, root: Path, layout: Layout, chunk: int) -> list[str]:
+    """What is wrong with a finished unit of work: its missing chunk files, the ones that fail
+    to decode (zstd checksum), or a digest that differs from what was written; [] if sound."""
+    problems = [
+        f"{name}: missing" for name in missing_files(group, root, layout, [chunk]).get(chunk, [])
+    ]
+    if problems:
+        return problems
+    arrays = {}
+    for path, (_, per_chunk) in layout.unit().items():
+        array = group[path]
+        try:
+            arrays[path] = array[_selection(layout, chunk, per_chunk)]
+        except Exception as err:  # a truncated or corrupted chunk file
+            name = chunk_file(array, (chunk,) + (0,) * (array.ndim - 1))
+            problems.append(f"{name}: cannot be read ({type(err).__name__}: {err})")
+    if problems:
+        return problems
+    try:
+        stored = group["progress/digest"][chunk]
+    except Exception as err:
+        return [f"progress/digest: cannot be read ({type(err).__name__}: {err})"]
+    if not np.array_equal(stored, unit_digest(arrays)):
+        return ["its contents differ from what was written (digest mismatch)"]
+    return []
 
 
 class Store:
@@ -277,6 +444,12 @@ class Store:
             raise FileNotFoundError(f"no crp_toolkit store at {self.path}")
         self.group = zarr.open_group(self.path, mode="r")
         self.attrs = dict(self.group.attrs)
+        version = self.attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreMismatchError(
+                f"the store at {self.path} has schema version {version}, this crp_toolkit reads "
+                f"version {SCHEMA_VERSION}; run `crp-toolkit analyze` into a new store.path"
+            )
 
     @property
     def layers(self) -> list[str]:
@@ -288,16 +461,25 @@ class Store:
         return int(self.attrs["classes"])
 
     @property
+    def layout(self) -> Layout:
+        return Layout.from_attrs(self.attrs)
+
+    @property
     def complete(self) -> bool:
-        return bool(self.group["progress/done"][:].all())
+        """Every unit of work is marked done and all its chunk files exist (no file is read;
+        ``crp_toolkit.store.verify`` also decodes them and checks their digests)."""
+        if not self.group["progress/done"][:].all():
+            return False
+        layout = self.layout
+        return not missing_files(self.group, self.path, layout, range(layout.n_chunks))
 
-    def samples(self, name: str) -> zarr.Array:
-        return self.group[f"samples/{name}"]
+    def samples(self, name: str) -> CheckedArray:
+        return CheckedArray(self.group[f"samples/{name}"], self.path)
 
-    def layer(self, layer: str, stat: str = "relevance") -> zarr.Array:
+    def layer(self, layer: str, stat: str = "relevance") -> CheckedArray:
         if layer not in self.attrs["layers"]:
             raise KeyError(f"layer {layer!r} is not in the store; it holds {self.layers}")
-        return self.group[f"layers/{layer}/{stat}"]
+        return CheckedArray(self.group[f"layers/{layer}/{stat}"], self.path)
 
 
 def open(path: str | Path) -> Store:  # noqa: A001 - the promised name: crp_toolkit.store.open
