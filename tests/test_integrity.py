@@ -11,8 +11,10 @@ import pytest
 import xarray as xr
 import zarr
 from conftest import BROKEN, STORE_DESCRIPTION, cli
+from omegaconf import OmegaConf
 
 import crp_toolkit as ct
+from crp_toolkit.app.stages import open_store
 from crp_toolkit.store.analysis import analyze_dataset
 from crp_toolkit.store.integrity import StoreDamagedError
 from crp_toolkit.store.verify import verify
@@ -74,6 +76,10 @@ def test_a_deleted_chunk_file_is_found_and_recomputed_exactly(copy, analyzer, da
     (copy / "layers/conv2/relevance/c/3/0").unlink()
     store = ct.store.open(copy)
     assert not store.complete  # it read as zeros and said complete before
+    assert store.incomplete_units() == {3: ["layers/conv2/relevance/c/3/0: missing"]}
+    cfg = OmegaConf.create({"stage": "mine", "store": {"path": str(copy)}})
+    with pytest.raises(RuntimeError, match=r"unit 3: layers/conv2/relevance/c/3/0: missing"):
+        open_store(cfg, copy.parent)  # what mine, atlas and evaluate read the store with
     found = verify(copy)
     assert list(found.damaged) == [3]
     assert "layers/conv2/relevance/c/3/0: missing" in found.damaged[3][0]
@@ -128,8 +134,9 @@ def test_a_damaged_derived_result_is_named(copy):
     shutil.rmtree(copy / "derived/tables/conv2/relevance-sum-normalised/scores/c")
     found = verify(copy)
     assert not found.ok and not found.damaged
-    assert found.derived and "derived/tables/conv2/relevance-sum-normalised/scores" in (
-        found.derived[0]
+    assert (
+        found.derived
+        and "derived/tables/conv2/relevance-sum-normalised/scores" in (found.derived[0])
     )
     assert "crp-toolkit mine" in found.summary()
 

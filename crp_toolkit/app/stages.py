@@ -219,11 +219,12 @@ def open_store(cfg: DictConfig, out: Path) -> ct.store.Store:
             "`crp-toolkit analyze store.path=...` first and give the same store.path here"
         )
     store = ct.store.open(path)
-    if not store.complete:
+    incomplete = store.incomplete_units()
+    if incomplete:
+        listed = "; ".join(f"unit {u}: {', '.join(why)}" for u, why in list(incomplete.items())[:5])
         raise RuntimeError(
-            f"the store at {path} is unfinished (some chunks or shards are missing, or files "
-            "of finished ones were lost): run `crp-toolkit analyze` again with the same "
-            "store.path to finish it (`crp-toolkit verify` names what is missing)"
+            f"the store at {path} is unfinished ({len(incomplete)} units: {listed}): run "
+            "`crp-toolkit analyze` again with the same store.path to finish it"
         )
     if (store.attrs["k"] or store.attrs["k_class"]) and not store.attrs.get("tables_merged"):
         if merge_when_complete(path):  # an earlier merge was interrupted: finish it

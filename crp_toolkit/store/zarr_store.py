@@ -464,14 +464,23 @@ class Store:
     def layout(self) -> Layout:
         return Layout.from_attrs(self.attrs)
 
+    def incomplete_units(self) -> dict[int, list[str]]:
+        """Per unit of work not finished: "not done", or the chunk files of a finished unit
+        that are missing (no file is read; ``crp_toolkit.store.verify.verify`` also decodes
+        them and checks their digests)."""
+        done = self.group["progress/done"][:]
+        out = {int(unit): ["not done"] for unit in np.flatnonzero(~done)}
+        finished = [int(unit) for unit in np.flatnonzero(done)]
+        missing = missing_files(self.group, self.path, self.layout, finished)
+        out.update(
+            {unit: [f"{name}: missing" for name in names] for unit, names in missing.items()}
+        )
+        return dict(sorted(out.items()))
+
     @property
     def complete(self) -> bool:
-        """Every unit of work is marked done and all its chunk files exist (no file is read;
-        ``crp_toolkit.store.verify`` also decodes them and checks their digests)."""
-        if not self.group["progress/done"][:].all():
-            return False
-        layout = self.layout
-        return not missing_files(self.group, self.path, layout, range(layout.n_chunks))
+        """Every unit of work is marked done and all its chunk files exist."""
+        return not self.incomplete_units()
 
     def samples(self, name: str) -> CheckedArray:
         return CheckedArray(self.group[f"samples/{name}"], self.path)
