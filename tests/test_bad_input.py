@@ -216,7 +216,7 @@ def test_a_run_folder_in_use_by_a_live_run_is_refused(tmp_path):
     out.mkdir()
     other = subprocess.Popen(["sleep", "60"])
     try:
-        (out / ".crp_toolkit_run").write_text(str(other.pid))
+        (out / ".crp_toolkit_run").write_text(f"{other.pid} ")
         run = cli("explain", f"hydra.run.dir={out}", "explain.indices=[0]")
     finally:
         other.kill()

@@ -36,7 +36,7 @@ def analyzer(fashion_model):
 def _analyze(analyzer, data, path, **options):
     return analyze_dataset(
         analyzer, data, LAYERS, path, dataset_description="tables", progress=False, **options
-    )
+    ).path
 
 
 @pytest.fixture(scope="module")

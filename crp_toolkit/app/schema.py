@@ -17,8 +17,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 # `run` runs the others in this order (evaluate only on data with ground truth)
 PIPELINE = ("explain", "analyze", "mine", "atlas", "evaluate")
 STAGES = (*PIPELINE, "run", "verify")
-# part of each run folder's name (``${run_id:}``): two runs started in the same second differ
-RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:4]}"
+# part of each run folder's name (``${run_id:}``): two runs started in the same second differ,
+# and the ranks of one torchrun job (one TORCHELASTIC_RUN_ID) share theirs
+JOB = os.environ.get("TORCHELASTIC_RUN_ID", "")
+RUN_ID = JOB[:8] or f"{os.getpid()}-{uuid.uuid4().hex[:4]}"
 
 
 @dataclass

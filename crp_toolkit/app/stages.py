@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
 import crp_toolkit as ct
-from crp_toolkit.app.schema import PIPELINE, check_config
+from crp_toolkit.app.schema import JOB, PIPELINE, check_config
 from crp_toolkit.atlas.figures import concept_figure
 from crp_toolkit.data.loading import first_readable, gather
 from crp_toolkit.store.analysis import analyze_dataset, report_unmerged
@@ -110,19 +110,22 @@ def _check_classes(analyzer: ct.LRP, dataset, device: str) -> int:
 
 def claim_output(out: Path) -> None:
     """Mark the run folder as this process's; a folder in use by another live process is
-    refused (two runs never mix their reports, configs and figures)."""
+    refused (two runs never mix their reports, configs and figures), unless both are ranks of
+    one torchrun job."""
     claim = out / ".crp_toolkit_run"
     try:
-        holder = int(claim.read_text())
+        pid, job = claim.read_text().split(" ", 1)
+        holder = int(pid)
     except (OSError, ValueError):
-        holder = None
-    if holder not in (None, os.getpid()) and _alive(holder):
+        holder, job = None, ""
+    same_job = bool(JOB) and job == JOB
+    if holder not in (None, os.getpid()) and not same_job and _alive(holder):
         raise FileExistsError(
             f"the output folder {out} is in use by another run (pid {holder}); give this run "
             "its own folder (hydra.run.dir=...)"
         )
     out.mkdir(parents=True, exist_ok=True)
-    claim.write_text(str(os.getpid()))
+    claim.write_text(f"{os.getpid()} {JOB}")
 
 
 def _alive(pid: int) -> bool:
