@@ -35,6 +35,10 @@ class Op:
         """PassRule: send R back unchanged, through the op's structure where shapes differ."""
         return vjp(evaluate, inputs, R)
 
+    def reports_indices(self, module: nn.Module | None) -> bool:
+        """Whether the forward pass records this layer's max-pooling winners (see MaxPool)."""
+        return False
+
     def transpose(
         self, grad: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate, gate: int | None = None
     ) -> list[Tensor | None]:
