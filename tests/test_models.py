@@ -599,11 +599,10 @@ def test_unsupported_op_refused_with_path_type_and_remedy(case):
 
 
 @pytest.fixture
-def private_registry(monkeypatch):
+def private_registry():
     """Registrations made by a test disappear after it."""
-    monkeypatch.setattr(ops, "_FUNCTION_OPS", dict(ops._FUNCTION_OPS))
-    monkeypatch.setattr(ops, "_MODULE_OPS", dict(ops._MODULE_OPS))
-    monkeypatch.setattr(ops, "_METHOD_OPS", dict(ops._METHOD_OPS))
+    with ops.scoped_ops():
+        yield
 
 
 def test_registering_as_the_error_says_makes_it_work(private_registry):
