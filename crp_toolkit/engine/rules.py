@@ -19,7 +19,7 @@ rule states its parts (``parts()``); ``crp_toolkit.engine.terms`` evaluates them
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import ClassVar
 
 import torch
@@ -177,8 +177,8 @@ class Rule:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        fields = getattr(self, "__dataclass_fields__", {})
-        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in fields if fields[k].repr)
+        shown = fields(self) if is_dataclass(self) else ()
+        args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in shown if f.repr)
         return f"{type(self).__name__}({args})"
 
 
