@@ -615,6 +615,16 @@ def test_registering_as_the_error_says_makes_it_work(private_registry):
     assert torch.isfinite(expl.relevance).all()
 
 
+def test_registrations_in_a_scope_are_gone_after_it():
+    with ops.scoped_ops() as registry:
+        ops.register_function_op(torch.erf, ops.ELEMENTWISE)
+        assert ops.current_ops() is registry and torch.erf in registry.functions
+        ct.LRP(WithErf().eval(), ct.composites.EpsilonPlus())
+    assert torch.erf not in ops.current_ops().functions
+    with pytest.raises(ct.UnsupportedLayerError, match="register_function_op"):
+        ct.LRP(WithErf().eval(), ct.composites.EpsilonPlus())
+
+
 def test_remedy_named_for_unsupported_module_exists():
     with pytest.raises(ct.UnsupportedLayerError) as info:
         ct.LRP(WithModule().eval(), ct.composites.EpsilonPlus())
