@@ -2,7 +2,6 @@
 ``crp_toolkit.engine.composites``)."""
 
 from crp_toolkit.engine.composites import (
-    BASE_RULES,
     ROUTING_DEFAULTS,
     WEIGHTED_KINDS,
     Composite,
@@ -18,8 +17,10 @@ from crp_toolkit.engine.composites import (
     NameMap,
     Primitive,
     RangeMap,
+    Routing,
     TypeKey,
     TypeMap,
+    base_rules,
 )
 
 __all__ = [
@@ -29,13 +30,14 @@ __all__ = [
     "ROUTING_DEFAULTS",
     "GlobalMap",
     "TypeMap",
+    "Routing",
     "NameMap",
     "RangeMap",
     "FirstLayerMap",
     "LastLayerMap",
     "FirstNTypeMap",
     "Composite",
-    "BASE_RULES",
+    "base_rules",
     "EpsilonPlus",
     "EpsilonAlpha2Beta1",
     "EpsilonPlusFlat",

@@ -1,10 +1,12 @@
 """Composites (GUIDE s.3): what each primitive assigns, override order, the analyzer's
-printout, refusal of layers left without a rule, per-call entries for a reused module, and the
-rules of each preset (assignment, and end to end against zennit 0.4.6's presets)."""
+printout, refusal of layers left without a rule, per-call entries for a reused module, the
+rules of each preset (assignment, and end to end against zennit 0.4.6's presets), the routing
+primitive in the repr, op kinds checked, and preset parameters (also in the configs)."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import zennit.composites as zc
 from torch import Tensor, nn
 
 import crp_toolkit as ct
+from crp_toolkit.engine import ops
 from crp_toolkit.engine.composites import (
     Composite,
     EpsilonAlpha2Beta1,
@@ -25,6 +28,7 @@ from crp_toolkit.engine.composites import (
     LastLayerMap,
     NameMap,
     RangeMap,
+    Routing,
     TypeMap,
 )
 from crp_toolkit.engine.rules import (
@@ -414,3 +418,76 @@ def test_preset_matches_zennit_on_a_chain(ours, theirs) -> None:
         out = modified(xg)
         (want,) = torch.autograd.grad(out, xg, torch.eye(3, dtype=DT)[target])
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
+
+
+# -- routing, checked kinds, preset parameters -----------------------------------------------
+def test_composite_repr_starts_with_the_routing_primitive() -> None:
+    for composite in (EpsilonPlus(), Composite(GlobalMap(E))):
+        lines = repr(composite).splitlines()
+        assert lines[1].strip().startswith("Routing(") and "'maxpool': PassRule()" in lines[1]
+        assert repr(composite) == repr(copy.deepcopy(composite))  # deterministic: an identity
+    assert "GlobalMap(rule=EpsilonRule(stabilizer=0.125))" in repr(Composite(GlobalMap(E)))
+
+
+def test_routing_can_be_replaced() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    relu = PassRule()
+    composite = Composite(GlobalMap(E), routing=Routing({nn.ReLU: relu}))
+    assert rules_by_name(ct.LRP(model, composite))["1"] is relu
+    assert "Routing(rules={<class 'torch.nn.modules.activation.ReLU'>" in repr(composite)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TypeMap({"Conv": ZPlusRule()}),
+        lambda: FirstNTypeMap(1, {"dense": EpsilonRule()}),
+        lambda: FirstLayerMap({"convolution": FlatRule()}),
+        lambda: RangeMap(range(3), {"Linear": EpsilonRule()}),
+    ],
+    ids=["TypeMap", "FirstNTypeMap", "FirstLayerMap", "RangeMap"],
+)
+def test_unknown_kind_is_refused_naming_the_known_ones(make) -> None:
+    with pytest.raises(ValueError, match=r"unknown op kind.*known kinds: .*conv.*linear"):
+        make()
+
+
+def test_a_registered_kind_is_known_in_its_scope_only() -> None:
+    with ops.scoped_ops():
+        ops.register_module_op(nn.Softshrink, ops.Op("shrink", elementwise=True))
+        model = nn.Sequential(nn.Linear(3, 3), nn.Softshrink(), nn.Linear(3, 2)).eval()
+        shrink = PassRule()
+        got = rules_by_name(ct.LRP(model, Composite(GlobalMap(E), TypeMap({"shrink": shrink}))))
+        assert got["1"] is shrink
+    with pytest.raises(ValueError, match="'shrink'"):
+        TypeMap({"shrink": PassRule()})
+
+
+def test_preset_parameters_reach_the_rules_and_the_repr() -> None:
+    presets = [
+        (EpsilonPlus, EpsilonPlus(epsilon=0.5, stabilizer=0.25)),
+        (EpsilonPlusFlat, EpsilonPlusFlat(epsilon=0.5, stabilizer=0.25)),
+        (EpsilonAlpha2Beta1, EpsilonAlpha2Beta1(epsilon=0.5, stabilizer=0.25)),
+        (EpsilonAlpha2Beta1Flat, EpsilonAlpha2Beta1Flat(epsilon=0.5, stabilizer=0.25)),
+        (lambda: EpsilonGammaBox(0.0, 1.0), EpsilonGammaBox(0.0, 1.0, 0.5, 0.5, 0.25)),
+    ]
+    for default, changed in presets:
+        assert repr(changed) != repr(default())
+        got = rules_by_name(ct.LRP(AllKinds().eval(), changed))
+        for name in ("linear1", "linear2", "add", "avgpool"):
+            assert got[name].stabilizer == 0.5, name
+        assert got["conv1"].stabilizer == got["conv2"].stabilizer == 0.25
+        assert getattr(got["conv2"], "gamma", 0.5) == 0.5
+
+
+def test_preset_configs_expose_the_parameters_with_todays_defaults() -> None:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    folder = Path(ct.__file__).parent / "conf" / "composite"
+    for path in sorted(folder.glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        assert cfg.epsilon == 1e-6 and cfg.stabilizer == 1e-6, path.name
+        cls = type(instantiate(cfg))
+        bounds = [cfg.low, cfg.high] if cls is EpsilonGammaBox else []
+        assert repr(instantiate(cfg)) == repr(cls(*bounds)), path.name

@@ -599,11 +599,10 @@ def test_unsupported_op_refused_with_path_type_and_remedy(case):
 
 
 @pytest.fixture
-def private_registry(monkeypatch):
+def private_registry():
     """Registrations made by a test disappear after it."""
-    monkeypatch.setattr(ops, "_FUNCTION_OPS", dict(ops._FUNCTION_OPS))
-    monkeypatch.setattr(ops, "_MODULE_OPS", dict(ops._MODULE_OPS))
-    monkeypatch.setattr(ops, "_METHOD_OPS", dict(ops._METHOD_OPS))
+    with ops.scoped_ops():
+        yield
 
 
 def test_registering_as_the_error_says_makes_it_work(private_registry):
@@ -614,6 +613,16 @@ def test_registering_as_the_error_says_makes_it_work(private_registry):
     ops.register_module_op(nn.Softshrink, ops.ELEMENTWISE)
     expl = ct.LRP(WithModule().eval(), ct.composites.EpsilonPlus())(x)
     assert torch.isfinite(expl.relevance).all()
+
+
+def test_registrations_in_a_scope_are_gone_after_it():
+    with ops.scoped_ops() as registry:
+        ops.register_function_op(torch.erf, ops.ELEMENTWISE)
+        assert ops.current_ops() is registry and torch.erf in registry.functions
+        ct.LRP(WithErf().eval(), ct.composites.EpsilonPlus())
+    assert torch.erf not in ops.current_ops().functions
+    with pytest.raises(ct.UnsupportedLayerError, match="register_function_op"):
+        ct.LRP(WithErf().eval(), ct.composites.EpsilonPlus())
 
 
 def test_remedy_named_for_unsupported_module_exists():

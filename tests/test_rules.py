@@ -5,6 +5,8 @@
 3. The analytic cases of GUIDE s.4 (RelevancePropagation.jl, zennit-crp).
 4. Properties: parameter checks, generalised vs classic gamma, linearity in R, batch
    independence.
+5. A new rule is one class defined here: it explains its layers, what it reads decides what
+   the forward pass keeps, and it is refused on layers it does not fit.
 
 Relevance is started at a layer's output with an arbitrary (random) tensor R through
 ``an.propagate``; zennit's relevance is ``autograd.grad(output, input, grad_outputs=R)``
@@ -24,7 +26,9 @@ Known differences from zennit 0.4.6, accounted for below:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from math import prod
+from typing import ClassVar
 
 import pytest
 import torch
@@ -36,12 +40,14 @@ from zennit.composites import NameMapComposite
 
 import crp_toolkit as ct
 from crp_toolkit.engine.composites import Composite, NameMap, TypeMap
+from crp_toolkit.engine.graph import Layer
 from crp_toolkit.engine.rules import (
     AlphaBetaRule,
     EpsilonRule,
     FlatRule,
     GammaRule,
     GeneralizedGammaRule,
+    LayerValues,
     PassRule,
     Rule,
     WSquareRule,
@@ -640,3 +646,59 @@ def test_zbox_per_sample_bounds_follow_their_sample() -> None:
             model, only(ZBoxRule(low[i : i + 1], high[i : i + 1])), x[i : i + 1], R[i : i + 1]
         )
         assert rel_err(batch[i : i + 1], alone) < TOL
+
+
+# -- 5. a new rule is one class ----------------------------------------------------------------
+@dataclass(repr=False)
+class UniformRule(Rule):
+    """A toy rule for dense layers: every input gets ``sum(R) / n`` (reads no tensor)."""
+
+    fits: ClassVar[str] = "dense layers"
+
+    def is_compatible(self, layer: Layer) -> bool:
+        return layer.kind == "linear"
+
+    def reads_inputs(self, layer: Layer) -> bool:
+        return False
+
+    def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
+        n = values.layer.module.in_features
+        return [R.sum(-1, keepdim=True).expand(*R.shape[:-1], n) / n]
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).to(DT).eval()
+
+
+def test_a_rule_defined_outside_the_engine_explains_its_layers() -> None:
+    model, x = _mlp(), torch.randn(3, 4, dtype=DT)
+    R = torch.randn(3, 2, dtype=DT)
+    an = ct.LRP(model, Composite(TypeMap({"linear": EpsilonRule()}), NameMap({"2": UniformRule()})))
+    assert repr(UniformRule()) in repr(an)
+    pending, recorded = an.propagate(an.forward(x), {2: R[None]}, record=[1])
+    torch.testing.assert_close(recorded[1][0], R.sum(-1, keepdim=True).expand(3, 3) / 3)
+    # the layer below follows with its own rule, from the toy rule's relevance
+    below = ct.LRP(model[:1], only(EpsilonRule()))
+    want, _ = below.propagate(below.forward(x), {0: recorded[1]})
+    torch.testing.assert_close(pending[-1], want[-1], rtol=1e-12, atol=0)
+
+
+def test_what_a_rule_reads_decides_what_the_forward_pass_keeps() -> None:
+    """The ReLU's output feeds only the toy rule, which reads no input: it is freed."""
+    model, x = _mlp(), torch.randn(3, 4, dtype=DT)
+    relu = lambda an: an.graph.layers[1].node  # noqa: E731
+    toy = ct.LRP(
+        model, Composite(TypeMap({"linear": EpsilonRule()}), NameMap({"2": UniformRule()}))
+    )
+    assert relu(toy) not in toy.forward(x).values
+    epsilon = ct.LRP(model, Composite(TypeMap({"linear": EpsilonRule()})))
+    assert relu(epsilon) in epsilon.forward(x).values
+
+
+def test_a_rule_is_refused_on_layers_it_does_not_fit() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2)).eval()
+    with pytest.raises(ct.UnsupportedLayerError, match=r"UniformRule .*'0'.*fits dense layers"):
+        ct.LRP(model, Composite(TypeMap({"conv": UniformRule(), "linear": EpsilonRule()})))
+    with pytest.raises(ct.UnsupportedLayerError, match=r"PassRule .*'2'.*weighted rule"):
+        ct.LRP(model, Composite(TypeMap({"conv": EpsilonRule(), "linear": PassRule()})))

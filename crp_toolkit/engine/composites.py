@@ -1,20 +1,24 @@
 """Composites: which rule each layer gets, as a list of small declarative maps.
 
 A composite is a sequence of primitives; later primitives override earlier ones (as in
-RelevancePropagation.jl). A type map's keys are module classes (matched with ``isinstance``)
-or op kinds (strings, see ``crp_toolkit.engine.ops.KINDS``: "conv", "linear", "add",
-"concat", "avgpool", "maxpool", "activation", "batchnorm", "reshape", "gate", "layernorm").
+RelevancePropagation.jl). Every composite starts from ``Routing()``, the rules of the layers
+that only move, gate or normalise relevance; it is shown in the composite's ``repr`` (which
+is also its identity in a store's provenance). A type map's keys are module classes (matched
+with ``isinstance``) or op kinds (strings, checked against the kinds the op registry knows,
+see ``crp_toolkit.engine.ops``: "conv", "linear", "add", "concat", "avgpool", "maxpool",
+"activation", "batchnorm", "reshape", "gate", "layernorm").
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
 from crp_toolkit.engine.graph import Graph, Layer
+from crp_toolkit.engine.ops import current_ops
 from crp_toolkit.engine.rules import (
     AlphaBetaRule,
     EpsilonRule,
@@ -36,6 +40,17 @@ def _matches(key: TypeKey, layer: Layer) -> bool:
     return layer.module is not None and isinstance(layer.module, key)
 
 
+def _checked(type_map: Mapping[TypeKey, Rule]) -> None:
+    """Refuse op kinds (string keys) that no op has: they would silently match nothing."""
+    known = current_ops().kinds
+    unknown = [key for key in type_map if isinstance(key, str) and key not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown op kind(s) {', '.join(map(repr, unknown))} in a type map; known kinds: "
+            f"{', '.join(sorted(known))} (or use a module class, e.g. torch.nn.Conv2d)"
+        )
+
+
 def _lookup(type_map: Mapping[TypeKey, Rule], layer: Layer) -> Rule | None:
     return next((rule for key, rule in type_map.items() if _matches(key, layer)), None)
 
@@ -50,7 +65,7 @@ class Primitive:
 # Kinds that carry a weighted sum, where the choice of rule matters (GlobalMap's reach).
 WEIGHTED_KINDS = ("conv", "linear", "add", "avgpool")
 
-# Kinds that only move or gate relevance; every composite starts from these.
+# Kinds that only move, gate or normalise relevance: the rules of ``Routing()``.
 ROUTING_DEFAULTS: dict[TypeKey, Rule] = {
     "activation": PassRule(),
     "batchnorm": PassRule(),
@@ -81,9 +96,22 @@ class TypeMap(Primitive):
 
     rules: Mapping[TypeKey, Rule]
 
+    def __post_init__(self) -> None:
+        _checked(self.rules)
+
     def assign(self, graph: Graph) -> dict[int, Rule]:
         found = {layer.index: _lookup(self.rules, layer) for layer in graph.layers}
         return {i: rule for i, rule in found.items() if rule is not None}
+
+
+@dataclass(frozen=True)
+class Routing(TypeMap):
+    """The rules of layers that only move, gate or normalise relevance (``ROUTING_DEFAULTS``):
+    activations, BatchNorm, dropout, reshapes, concatenations and gates pass it (PassRule;
+    at max pooling the winner takes all), LayerNorm gets the LN-rule. Every composite starts
+    from it."""
+
+    rules: Mapping[TypeKey, Rule] = field(default_factory=lambda: dict(ROUTING_DEFAULTS))
 
 
 @dataclass(frozen=True)
@@ -113,6 +141,9 @@ class RangeMap(Primitive):
     range: range
     rule: Rule | Mapping[TypeKey, Rule]
 
+    def __post_init__(self) -> None:
+        _checked_rule(self.rule)
+
     def assign(self, graph: Graph) -> dict[int, Rule]:
         layers = [graph.layers[i] for i in self.range if i < len(graph.layers)]
         if isinstance(self.rule, Rule):  # a bare rule reaches weighted layers, as GlobalMap
@@ -126,6 +157,9 @@ class FirstLayerMap(Primitive):
 
     rule: Rule | Mapping[TypeKey, Rule]
 
+    def __post_init__(self) -> None:
+        _checked_rule(self.rule)
+
     def assign(self, graph: Graph) -> dict[int, Rule]:
         return _restricted(self.rule, [graph.layers[i] for i in graph.readers_of_input()])
 
@@ -135,6 +169,9 @@ class LastLayerMap(Primitive):
     """A rule (or type map) for the last conv/dense layer before the output."""
 
     rule: Rule | Mapping[TypeKey, Rule]
+
+    def __post_init__(self) -> None:
+        _checked_rule(self.rule)
 
     def assign(self, graph: Graph) -> dict[int, Rule]:
         parametric = [layer for layer in graph.layers if layer.op.parametric]
@@ -148,9 +185,17 @@ class FirstNTypeMap(Primitive):
     n: int
     rules: Mapping[TypeKey, Rule]
 
+    def __post_init__(self) -> None:
+        _checked(self.rules)
+
     def assign(self, graph: Graph) -> dict[int, Rule]:
         hits = [layer for layer in graph.layers if _lookup(self.rules, layer) is not None]
         return _restricted(self.rules, hits[: self.n])
+
+
+def _checked_rule(rule: Rule | Mapping[TypeKey, Rule]) -> None:
+    if not isinstance(rule, Rule):
+        _checked(rule)
 
 
 def _restricted(rule: Rule | Mapping[TypeKey, Rule], layers: Sequence[Layer]) -> dict[int, Rule]:
@@ -161,70 +206,80 @@ def _restricted(rule: Rule | Mapping[TypeKey, Rule], layers: Sequence[Layer]) ->
 
 
 class Composite:
-    """An ordered list of primitives; later ones override earlier ones."""
+    """``Routing()`` (or ``routing``), then the primitives in order; later ones override
+    earlier ones."""
 
-    def __init__(self, *primitives: Primitive):
+    def __init__(self, *primitives: Primitive, routing: Primitive | None = None):
+        self.routing = Routing() if routing is None else routing
         self.primitives = tuple(primitives)
 
     def assign(self, graph: Graph) -> list[Rule | None]:
         """Rule per layer (None where no primitive reaches a weighted layer)."""
         rules: list[Rule | None] = [None] * len(graph.layers)
-        for primitive in (TypeMap(ROUTING_DEFAULTS), *self.primitives):
+        for primitive in (self.routing, *self.primitives):
             for index, rule in primitive.assign(graph).items():
                 rules[index] = rule
         return rules
 
     def __repr__(self) -> str:
-        inner = ",\n  ".join(repr(p) for p in self.primitives)
+        inner = ",\n  ".join(repr(p) for p in (self.routing, *self.primitives))
         return f"{type(self).__name__}(\n  {inner}\n)"
 
 
-BASE_RULES: dict[TypeKey, Rule] = {
-    "linear": EpsilonRule(),
-    "add": EpsilonRule(),
-    "avgpool": EpsilonRule(),
-}
+def base_rules(epsilon: float = 1e-6) -> dict[TypeKey, Rule]:
+    """Every preset's rules for dense layers, sums and average pooling: the epsilon rule."""
+    return {kind: EpsilonRule(epsilon) for kind in ("linear", "add", "avgpool")}
 
 
 def _preset(
-    conv_rule: Rule, first_rule: Rule | Mapping[TypeKey, Rule] | None = None
+    epsilon: float, conv_rule: Rule, first_rule: Rule | Mapping[TypeKey, Rule] | None = None
 ) -> tuple[Primitive, ...]:
-    primitives: list[Primitive] = [TypeMap({**BASE_RULES, "conv": conv_rule})]
+    primitives: list[Primitive] = [TypeMap({**base_rules(epsilon), "conv": conv_rule})]
     if first_rule is not None:
         primitives.append(FirstLayerMap(first_rule))
     return tuple(primitives)
 
 
 class EpsilonPlus(Composite):
-    """conv -> ZPlus, dense -> Epsilon."""
+    """conv -> ZPlus, dense -> Epsilon(epsilon); ``stabilizer`` is ZPlus's."""
 
-    def __init__(self) -> None:
-        super().__init__(*_preset(ZPlusRule()))
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6) -> None:
+        super().__init__(*_preset(epsilon, ZPlusRule(stabilizer)))
 
 
 class EpsilonAlpha2Beta1(Composite):
-    """conv -> AlphaBeta(2, 1), dense -> Epsilon."""
+    """conv -> AlphaBeta(2, 1), dense -> Epsilon(epsilon); ``stabilizer`` is AlphaBeta's."""
 
-    def __init__(self) -> None:
-        super().__init__(*_preset(AlphaBetaRule(2.0, 1.0)))
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6) -> None:
+        super().__init__(*_preset(epsilon, AlphaBetaRule(2.0, 1.0, stabilizer)))
 
 
 class EpsilonPlusFlat(Composite):
     """EpsilonPlus, with Flat on every conv/dense layer that reads the input."""
 
-    def __init__(self) -> None:
-        super().__init__(*_preset(ZPlusRule(), FlatRule()))
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6) -> None:
+        super().__init__(*_preset(epsilon, ZPlusRule(stabilizer), FlatRule(stabilizer)))
 
 
 class EpsilonAlpha2Beta1Flat(Composite):
     """EpsilonAlpha2Beta1, with Flat on every conv/dense layer that reads the input."""
 
-    def __init__(self) -> None:
-        super().__init__(*_preset(AlphaBetaRule(2.0, 1.0), FlatRule()))
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6) -> None:
+        conv, first = AlphaBetaRule(2.0, 1.0, stabilizer), FlatRule(stabilizer)
+        super().__init__(*_preset(epsilon, conv, first))
 
 
 class EpsilonGammaBox(Composite):
-    """conv -> Gamma(0.25), dense -> Epsilon, and ZBox(low, high) on the convs reading the input."""
+    """conv -> Gamma(gamma), dense -> Epsilon(epsilon), and ZBox(low, high) on the convs
+    reading the input; ``stabilizer`` is Gamma's and ZBox's."""
 
-    def __init__(self, low: float | Tensor, high: float | Tensor, gamma: float = 0.25) -> None:
-        super().__init__(*_preset(GammaRule(gamma), {"conv": ZBoxRule(low, high)}))
+    def __init__(
+        self,
+        low: float | Tensor,
+        high: float | Tensor,
+        gamma: float = 0.25,
+        epsilon: float = 1e-6,
+        stabilizer: float = 1e-6,
+    ) -> None:
+        box = ZBoxRule(low, high, stabilizer)
+        super().__init__(*_preset(epsilon, GammaRule(gamma, stabilizer), {"conv": box}))

@@ -17,15 +17,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
-from crp_toolkit.engine.ops import (
-    GATE,
-    GATE_SOURCES,
-    KINDS,
-    Op,
-    op_for_function,
-    op_for_method,
-    op_for_module,
-)
+from crp_toolkit.engine.ops import GATE, GATE_SOURCES, Op, OpRegistry, current_ops
 
 
 class UnsupportedLayerError(TypeError):
@@ -120,16 +112,22 @@ class Graph:
 
 
 class _Tracer(fx.Tracer):
-    """Keeps whole every module the engine knows (torch.nn's, their subclasses, and types
+    """Keeps whole every module the registry knows (torch.nn's, their subclasses, and types
     registered with ``register_module_op``)."""
 
+    def __init__(self, registry: OpRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return op_for_module(m) is not None or super().is_leaf_module(m, qualname)
+        return self.registry.for_module(m) is not None or super().is_leaf_module(m, qualname)
 
 
-def trace(model: nn.Module) -> Graph:
-    """Trace ``model`` with torch.fx and classify every op; refuse unsupported ones."""
-    tracer = _Tracer()
+def trace(model: nn.Module, registry: OpRegistry | None = None) -> Graph:
+    """Trace ``model`` with torch.fx and classify every op with ``registry`` (default: the
+    current one, see ``crp_toolkit.engine.ops.scoped_ops``); refuse unsupported ones."""
+    registry = current_ops() if registry is None else registry
+    tracer = _Tracer(registry)
     try:
         fx_graph = tracer.trace(model)
     except Exception as err:  # fx raises many types for untraceable control flow
@@ -160,11 +158,11 @@ def trace(model: nn.Module) -> Graph:
         tensor_inputs = [n for n in node.all_input_nodes if n in position]
         if not tensor_inputs:
             continue  # a constant or a shape computation: carries no relevance
-        op, module = _classify(gm, node)
+        op, module = _classify(registry, gm, node)
         if op is None:
             if _is_shape_query(node):
                 continue
-            raise _unsupported(node, module)
+            raise _unsupported(node, module, registry.kinds)
         name = _layer_name(node, calls)
         index = len(layers)
         inputs = tuple(position[n] for n in node.all_input_nodes if n in position)
@@ -212,14 +210,16 @@ def _output_index(node: fx.Node, position: dict[fx.Node, int]) -> int:
     return position[out]
 
 
-def _classify(gm: fx.GraphModule, node: fx.Node) -> tuple[Op | None, nn.Module | None]:
+def _classify(
+    registry: OpRegistry, gm: fx.GraphModule, node: fx.Node
+) -> tuple[Op | None, nn.Module | None]:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        return op_for_module(module), module
+        return registry.for_module(module), module
     if node.op == "call_function":
-        return op_for_function(node.target, node), None
+        return registry.for_function(node.target, node), None
     if node.op == "call_method":
-        return op_for_method(node.target, node), None
+        return registry.for_method(node.target, node), None
     return None, None
 
 
@@ -240,7 +240,9 @@ def _layer_name(node: fx.Node, calls: Counter[str]) -> str:
     return base if calls[base] == 1 else f"{base}#{calls[base]}"
 
 
-def _unsupported(node: fx.Node, module: nn.Module | None) -> UnsupportedLayerError:
+def _unsupported(
+    node: fx.Node, module: nn.Module | None, kinds: frozenset[str]
+) -> UnsupportedLayerError:
     if module is not None:
         what = f"module {node.target!r} of type {type(module).__name__}"
         how = (
@@ -257,7 +259,7 @@ def _unsupported(node: fx.Node, module: nn.Module | None) -> UnsupportedLayerErr
             if node.op == "call_method"
             else "register it with crp_toolkit.engine.ops.register_function_op(<function>, <Op>)"
         )
-    kinds = ", ".join(sorted(KINDS))
     return UnsupportedLayerError(
-        f"no LRP rule for {what}; supported kinds: {kinds}. To explain this model, {how}."
+        f"no LRP rule for {what}; supported kinds: {', '.join(sorted(kinds))}. "
+        f"To explain this model, {how}."
     )

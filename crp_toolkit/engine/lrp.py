@@ -20,16 +20,7 @@ from torch import Tensor, nn
 
 from crp_toolkit.engine.composites import Composite, GlobalMap
 from crp_toolkit.engine.graph import Graph, Layer, UnsupportedLayerError, trace
-from crp_toolkit.engine.rules import (
-    LayerNormRule,
-    PassRule,
-    Rule,
-    Term,
-    ZeroRule,
-    negative,
-    positive,
-    stabilize,
-)
+from crp_toolkit.engine.rules import LayerValues, ParamView, Rule, ZeroRule
 
 _NONNEGATIVE = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
 _NONNEGATIVE_CALLS = {torch.relu, torch.nn.functional.relu, torch.sigmoid, "relu", "sigmoid"}
@@ -41,14 +32,15 @@ class ForwardPass:
     """What one forward pass leaves for the relevance pass.
 
     ``values`` maps fx nodes to their outputs (only those the relevance pass needs survive);
-    ``cache`` holds modified-forward denominators when several relevance passes reuse it.
+    ``cache`` holds, per layer, what its rule keeps (denominators) when several relevance
+    passes reuse it.
     """
 
     graph: Graph
     values: dict[fx.Node, object]
     output: Tensor
     reuse: bool = False
-    cache: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # denominators
+    cache: dict[int, dict] = field(default_factory=dict)  # by layer, what its rule keeps
     pooled: dict[int, tuple[Tensor, torch.Size]] = field(default_factory=dict)  # max indices
 
     def value(self, index: int) -> Tensor:
@@ -83,10 +75,14 @@ class LRP:
         self.rules: list[Rule] = _checked_rules(self.graph, self.composite.assign(self.graph))
         self._nonnegative = _nonnegative_layers(self.graph)
         self._params = _ParamCache()
+        self._reads = [
+            (rule.reads_inputs(layer), rule.reads_output(layer))
+            for layer, rule in zip(self.graph.layers, self.rules, strict=True)
+        ]
         self._pools = {
             layer.node: layer
             for layer in self.graph.layers
-            if layer.kind == "maxpool" and layer.op.reports_indices(layer.module)
+            if layer.op.reports_indices(layer.module)
         }
         self._needed: dict[int, set[fx.Node]] = {}  # by the layer the relevance pass stops at
         self._last_uses = _last_uses(self.graph.module.graph)
@@ -106,8 +102,7 @@ class LRP:
         _check_eval_mode(self.model)
         graph, gm = self.graph, self.graph.module
         if above not in self._needed:
-            pools = {node for node, layer in self._pools.items() if layer.index > above}
-            self._needed[above] = _needed_values(graph, self.rules, pools, above)
+            self._needed[above] = _needed_values(graph, self._reads, above)
         needed = self._needed[above] | {graph.layers[i].node for i in keep}
         values: dict[fx.Node, object] = {graph.input_node: x.detach()}
         pooled: dict[int, tuple[Tensor, torch.Size]] = {}
@@ -186,67 +181,20 @@ class LRP:
         return pending, recorded
 
     def relevance_in(self, fp: ForwardPass, layer: Layer, R: Tensor) -> list[Tensor | None]:
-        """Relevance at each input of ``layer`` given relevance ``R`` at its output."""
-        rule = self.rules[layer.index]
-        if isinstance(rule, PassRule) and layer.op.elementwise:
-            return [R] + [None] * (len(layer.inputs) - 1)  # inputs were not kept
-        if isinstance(rule, PassRule) and layer.index in fp.pooled:
-            return [layer.op.unpool(R, *fp.pooled[layer.index])]
-        inputs = fp.inputs(layer)
-        if isinstance(rule, PassRule):
-            return layer.op.route(R, inputs, _evaluator(fp, layer), layer.gate)
-        if isinstance(rule, LayerNormRule):
-            return [_layernorm_relevance(layer.module, inputs[0], R, rule.stabilizer)]
-        return self._weighted(fp, layer, rule, inputs, R)
-
-    def _weighted(
-        self, fp: ForwardPass, layer: Layer, rule: Rule, inputs: list[Tensor], R: Tensor
-    ) -> list[Tensor | None]:
-        """Term-based rules: per part, a denominator from the (modified) forward pass, then
-        one transposed op per term."""
-        nonneg = all(i in self._nonnegative for i in layer.inputs)
-        evaluate = _evaluator(fp, layer)
-        result: list[Tensor | None] = [None] * len(inputs)
-        for p, part in enumerate(rule.parts()):
-            terms = [
-                _prepare(t, layer, inputs, nonneg, self._params.view(layer.index, p, k))
-                for k, t in enumerate(part.terms)
-            ]
-            terms = _fuse([t for t in terms if t is not None], layer)
-            d = fp.cache.get((layer.index, p))
-            if d is None:
-                fresh = not (len(terms) == 1 and terms[0].plain)  # not the saved output
-                z = _part_output(fp, layer, terms, evaluate)
-                d = part.denominator(z, rule.stabilizer, fresh=fresh)
-                del z  # a modified forward's output is not kept beside its denominator
-                if fp.reuse:
-                    fp.cache[(layer.index, p)] = d
-            R_part = R if part.select is None else R * part.select(fp.value(layer.index))
-            s = R_part / d
-            for term in terms:
-                if layer.op.parametric:
-                    grads = [
-                        layer.op.transpose_params(s, term.inputs[0], layer.module, term.weight)
-                    ]
-                else:
-                    grads = layer.op.transpose(s, inputs, evaluate)
-                scale = part.coef * term.sign
-                for j, (x, g) in enumerate(zip(term.inputs, grads, strict=True)):
-                    if g is None:
-                        continue
-                    own = layer.op.parametric and g.shape == torch.broadcast_shapes(
-                        g.shape, x.shape
-                    )
-                    contribution = g.mul_(x) if own else g * x  # g is fresh from a transpose
-                    if scale != 1.0:
-                        contribution.mul_(scale)
-                    if term.fused > 1:  # sum the stacked terms' slices
-                        dim = -1 if layer.kind == "linear" else 2
-                        shape = list(contribution.shape)
-                        shape[dim : dim + 1 or None] = [term.fused, shape[dim] // term.fused]
-                        contribution = contribution.reshape(shape).sum(dim - 1 if dim < 0 else dim)
-                    result[j] = contribution if result[j] is None else result[j] + contribution
-        return result
+        """Relevance at each input of ``layer`` given relevance ``R`` at its output: the
+        layer's rule computes it from what the forward pass kept for it."""
+        reads_inputs, reads_output = self._reads[layer.index]
+        values = LayerValues(
+            layer=layer,
+            inputs=fp.inputs(layer) if reads_inputs else [],
+            output=fp.value(layer.index) if reads_output else None,
+            evaluate=_evaluator(fp, layer),
+            nonnegative=all(i in self._nonnegative for i in layer.inputs),
+            pooled=fp.pooled.get(layer.index),
+            params=self._params.view(layer.index),
+            cache=fp.cache.setdefault(layer.index, {}) if fp.reuse else None,
+        )
+        return self.rules[layer.index].relevance_in(values, R)
 
     # -- explanation -------------------------------------------------------------------------
     def __call__(self, x: Tensor, target: int | Sequence[int] | Tensor | None = None, **kwargs):
@@ -271,18 +219,6 @@ class LRP:
         return "\n".join(lines)
 
 
-@dataclass
-class _PreparedTerm:
-    """A term with its modified inputs and parameters computed once."""
-
-    plain: bool
-    inputs: list[Tensor]
-    weight: Tensor | None
-    bias: Tensor | None
-    sign: float
-    fused: int = 1  # how many terms are stacked along the input channels
-
-
 class _ParamCache:
     """Modified parameters (W+, W + g W+, ...) computed once per layer and term, and again
     only when the parameter changes (its version counter moves, e.g. after training steps)."""
@@ -290,75 +226,18 @@ class _ParamCache:
     def __init__(self) -> None:
         self._store: dict[tuple, tuple[int, int, Tensor]] = {}
 
-    def view(self, *key) -> Callable[[str, Tensor, Callable[[Tensor], Tensor]], Tensor]:
-        def get(name: str, param: Tensor, modify: Callable[[Tensor], Tensor]) -> Tensor:
+    def view(self, layer: int) -> ParamView:
+        """``get(key, param, modify)`` for one layer (see ``LayerValues.params``)."""
+
+        def get(key: tuple, param: Tensor, modify: Callable[[Tensor], Tensor]) -> Tensor:
             stamp = (param._version, param.data_ptr())
-            hit = self._store.get((*key, name))
+            hit = self._store.get((layer, *key))
             if hit is None or hit[:2] != stamp:
                 hit = (*stamp, modify(param.detach()))
-                self._store[(*key, name)] = hit
+                self._store[(layer, *key)] = hit
             return hit[2]
 
         return get
-
-
-def _prepare(
-    term: Term, layer: Layer, inputs: list[Tensor], nonneg: bool, params
-) -> _PreparedTerm | None:
-    """Modify inputs and parameters once; drop terms that vanish on non-negative inputs."""
-    if nonneg and term.input is negative and term.bias is None:
-        return None  # x- = 0 and no bias: the term contributes nothing
-    keep = nonneg and term.input is positive  # x+ = x
-    modified = [x if keep else term.input(x) for x in inputs]
-    module = layer.module
-    weight = bias = None
-    if layer.op.parametric:
-        weight = params("weight", module.weight, term.weight)
-        if module.bias is not None and term.bias is not None:
-            bias = params("bias", module.bias, term.bias)
-    return _PreparedTerm(term.is_plain, modified, weight, bias, term.sign)
-
-
-def _fuse(terms: list[_PreparedTerm], layer: Layer) -> list[_PreparedTerm]:
-    """Stack the terms of a part along input channels, so a conv or dense layer runs one
-    modified forward and one transposed op instead of one per term (ZBox, AlphaBeta, ...)."""
-    module = layer.module
-    if len(terms) < 2 or not layer.op.parametric or getattr(module, "groups", 1) != 1:
-        return terms
-    if getattr(module, "transposed", False) or getattr(module, "padding_mode", "zeros") != "zeros":
-        return terms
-    dim = -1 if layer.kind == "linear" else 1
-    x = torch.cat([t.inputs[0] for t in terms], dim=dim)
-    weight = torch.cat([t.sign * t.weight for t in terms], dim=1)
-    biases = [t.sign * t.bias for t in terms if t.bias is not None]
-    bias = torch.stack(biases).sum(0) if biases else None
-    return [_PreparedTerm(False, [x], weight, bias, 1.0, fused=len(terms))]
-
-
-def _part_output(fp: ForwardPass, layer: Layer, terms: Sequence[_PreparedTerm], evaluate) -> Tensor:
-    """The denominator of one part: the layer's own output when the part is its forward."""
-    if len(terms) == 1 and terms[0].plain:
-        return fp.value(layer.index)
-    z = None
-    for t in terms:
-        if layer.op.parametric:
-            out = layer.op.forward(t.inputs[0], layer.module, t.weight, t.bias)
-        else:
-            out = evaluate(t.inputs)
-        out = out if t.sign == 1.0 else t.sign * out
-        z = out if z is None else z + out
-    return z
-
-
-def _layernorm_relevance(module: nn.Module, x: Tensor, R: Tensor, eps: float) -> Tensor:
-    """LN-rule: y = (x - mean) * g / sigma + b with sigma held constant."""
-    dims = tuple(range(-len(module.normalized_shape), 0))
-    mean = x.mean(dims, keepdim=True)
-    sigma = (x.var(dims, unbiased=False, keepdim=True) + module.eps).sqrt()
-    gain = module.weight / sigma if module.weight is not None else 1.0 / sigma
-    z = (x - mean) * gain + (module.bias if module.bias is not None else 0.0)
-    u = R / stabilize(z, eps) * gain
-    return x * (u - u.mean(dims, keepdim=True))
 
 
 def _evaluator(fp: ForwardPass, layer: Layer):
@@ -413,32 +292,22 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
 
 
 def _needed_values(
-    graph: Graph, rules: Sequence[Rule], pools: set[fx.Node], above: int = -1
+    graph: Graph, reads: Sequence[tuple[bool, bool]], above: int = -1
 ) -> set[fx.Node]:
     """fx nodes whose values the relevance pass (through the layers above index ``above``)
-    reads; the rest are freed during forward."""
+    reads, as the rules declare (``reads``: per layer, its inputs? its output?); the rest are
+    freed during forward."""
     layer_nodes = {layer.node for layer in graph.layers}
     needed = {n for n in graph.module.graph.nodes if n not in layer_nodes}  # shapes, constants
     needed.add(graph.layers[graph.output_layer].node)
-    for layer, rule in zip(graph.layers, rules, strict=True):
+    for layer, (reads_inputs, reads_output) in zip(graph.layers, reads, strict=True):
         if layer.index <= above:
             continue
-        routed_without_inputs = layer.op.elementwise or layer.node in pools
-        if not (isinstance(rule, PassRule) and routed_without_inputs):
+        if reads_inputs:
             needed.update(layer.node.all_input_nodes)
-        if _reads_own_output(rule):
+        if reads_output:
             needed.add(layer.node)
     return needed
-
-
-def _reads_own_output(rule: Rule) -> bool:
-    """A part whose denominator is the layer's plain output, or that selects by its sign."""
-    if isinstance(rule, (PassRule, LayerNormRule)):
-        return False
-    return any(
-        part.select is not None or (len(part.terms) == 1 and part.terms[0].is_plain)
-        for part in rule.parts()
-    )
 
 
 def _nonnegative_layers(graph: Graph) -> set[int]:
@@ -462,7 +331,7 @@ def _is_dropout(layer: Layer) -> bool:
 
 
 def _checked_rules(graph: Graph, rules: Sequence[Rule | None]) -> list[Rule]:
-    """Every layer has a rule its kind supports, or the analyzer is refused."""
+    """Every layer has a rule compatible with it, or the analyzer is refused."""
     for layer, rule in zip(graph.layers, rules, strict=True):
         where = f"layer {layer.name!r} ({layer.type_name}, kind {layer.kind!r})"
         if rule is None:
@@ -470,18 +339,9 @@ def _checked_rules(graph: Graph, rules: Sequence[Rule | None]) -> list[Rule]:
                 f"the composite assigns no rule to {where}; add one, e.g. "
                 f"TypeMap({{{layer.kind!r}: EpsilonRule()}}) or NameMap({{{layer.name!r}: ...}})"
             )
-        if isinstance(rule, LayerNormRule) != (layer.kind == "layernorm") and not isinstance(
-            rule, PassRule
-        ):
-            raise UnsupportedLayerError(f"{type(rule).__name__} cannot be applied to {where}")
-        if isinstance(rule, PassRule) and layer.kind in ("add", "avgpool", "conv", "linear"):
+        if not rule.is_compatible(layer):
             raise UnsupportedLayerError(
-                f"PassRule cannot be applied to {where}: it changes the number of values; "
-                "use EpsilonRule or another weighted rule"
-            )
-        if not isinstance(rule, (PassRule, LayerNormRule)) and not layer.op.linear:
-            raise UnsupportedLayerError(
-                f"{type(rule).__name__} needs a linear op, but {where} is not; use PassRule"
+                f"{type(rule).__name__} cannot be applied to {where}; it fits {rule.fits}"
             )
     return list(rules)  # type: ignore[arg-type]
 

@@ -8,8 +8,10 @@ activations of shape ``(B, ...)``, so K conditional relevances share one forward
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -34,6 +36,10 @@ class Op:
     ) -> list[Tensor | None]:
         """PassRule: send R back unchanged, through the op's structure where shapes differ."""
         return vjp(evaluate, inputs, R)
+
+    def reports_indices(self, module: nn.Module | None) -> bool:
+        """Whether the forward pass records this layer's max-pooling winners (see MaxPool)."""
+        return False
 
     def transpose(
         self, grad: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate, gate: int | None = None
@@ -247,7 +253,7 @@ GATE_SOURCES = (nn.Sigmoid, nn.Hardsigmoid, torch.sigmoid, F.sigmoid, F.hardsigm
 DENSE = Dense("linear", linear=True, parametric=True)
 CONV = Conv("conv", linear=True, parametric=True)
 
-KINDS = {
+KINDS = frozenset(
     op.kind
     for op in (
         ELEMENTWISE,
@@ -262,7 +268,7 @@ KINDS = {
         DENSE,
         CONV,
     )
-}
+)
 
 _MODULE_OPS: dict[type, Op] = {
     nn.Linear: DENSE,
@@ -407,33 +413,84 @@ _METHOD_OPS: dict[str, Op] = {
 }
 
 
+@dataclass(frozen=True)
+class OpRegistry:
+    """Which op each module type, function and tensor method is. The engine traces with the
+    registry active when an analyzer is built (``current_ops()``); ``scoped_ops()`` gives a
+    block its own copy, so what is registered inside it is gone after it."""
+
+    modules: dict[type, Op] = field(default_factory=lambda: dict(_MODULE_OPS))
+    functions: dict[Callable, Op] = field(default_factory=lambda: dict(_FUNCTION_OPS))
+    methods: dict[str, Op] = field(default_factory=lambda: dict(_METHOD_OPS))
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """Every op kind the registry knows (composites' type maps are checked against it)."""
+        tables = (self.modules, self.functions, self.methods)
+        return frozenset(op.kind for table in tables for op in table.values()) - {SOFTMAX.kind}
+
+    def copy(self) -> OpRegistry:
+        return OpRegistry(dict(self.modules), dict(self.functions), dict(self.methods))
+
+    def for_module(self, module: nn.Module) -> Op | None:
+        for cls in type(module).__mro__:
+            if cls in self.modules:
+                return self.modules[cls]
+        return None
+
+    def for_function(self, function: Callable, node: fx.Node) -> Op | None:
+        if getattr(function, "__name__", "") == "stochastic_depth":  # torchvision, eval: identity
+            return ELEMENTWISE
+        return self.functions.get(function)
+
+    def for_method(self, method: str, node: fx.Node) -> Op | None:
+        return self.methods.get(method)
+
+
+_DEFAULT_OPS = OpRegistry()
+_CURRENT: ContextVar[OpRegistry | None] = ContextVar("crp_toolkit_ops", default=None)
+
+
+def current_ops() -> OpRegistry:
+    """The registry in effect: the innermost ``scoped_ops()`` block's, else the default one."""
+    registry = _CURRENT.get()
+    return _DEFAULT_OPS if registry is None else registry
+
+
+@contextmanager
+def scoped_ops() -> Iterator[OpRegistry]:
+    """A block with its own copy of the current registry: ``register_*_op`` calls inside it
+    (and analyzers built inside it) see the registrations, nothing outside does."""
+    token = _CURRENT.set(current_ops().copy())
+    try:
+        yield current_ops()
+    finally:
+        _CURRENT.reset(token)
+
+
 def register_module_op(module_type: type, op: Op) -> None:
-    """Teach the engine a module type, e.g. ``register_module_op(MyAct, ops.ELEMENTWISE)``."""
-    _MODULE_OPS[module_type] = op
+    """Teach the engine a module type, e.g. ``register_module_op(MyAct, ops.ELEMENTWISE)``
+    (in the current registry: inside ``with scoped_ops():`` only for that block)."""
+    current_ops().modules[module_type] = op
 
 
 def register_function_op(function: Callable, op: Op) -> None:
     """Teach the engine a function called inside ``forward``, e.g. ``torch.nn.functional.mish``."""
-    _FUNCTION_OPS[function] = op
+    current_ops().functions[function] = op
 
 
 def register_method_op(method: str, op: Op) -> None:
     """Teach the engine a tensor method called inside ``forward``, e.g. ``("abs", ...)``."""
-    _METHOD_OPS[method] = op
+    current_ops().methods[method] = op
 
 
 def op_for_module(module: nn.Module) -> Op | None:
-    for cls in type(module).__mro__:
-        if cls in _MODULE_OPS:
-            return _MODULE_OPS[cls]
-    return None
+    return current_ops().for_module(module)
 
 
 def op_for_function(function: Callable, node: fx.Node) -> Op | None:
-    if getattr(function, "__name__", "") == "stochastic_depth":  # torchvision, identity in eval
-        return ELEMENTWISE
-    return _FUNCTION_OPS.get(function)
+    return current_ops().for_function(function, node)
 
 
 def op_for_method(method: str, node: fx.Node) -> Op | None:
-    return _METHOD_OPS.get(method)
+    return current_ops().for_method(method, node)

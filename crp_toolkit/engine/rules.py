@@ -1,27 +1,36 @@
-"""LRP rules, stated as how they modify a layer's input, parameters and denominator.
+"""LRP rules: which layers each rule fits, what it reads, and the relevance it sends back.
 
-A layer computes ``z = W x + b``. A rule is a sum of *parts*; each part is a set of *terms*
-that share one denominator::
+A rule answers the engine three questions about a layer (as in RelevancePropagation.jl):
+``is_compatible(layer)``; ``reads_inputs(layer)`` / ``reads_output(layer)``, so the forward
+pass frees every other tensor; and ``relevance_in(values, R)``, the relevance at each input
+of the layer given relevance ``R`` at its output. A new rule is one class; the engine needs
+no edit.
+
+Most rules are *term rules* on a linear layer ``z = W x + b``: a sum of *parts*, each a set
+of *terms* that share one denominator::
 
     z_part = sum_t sign_t * layer(input_t(x); weight_t(W), bias_t(b))
     R_in  += coef * sum_t sign_t * input_t(x) * layer_t^T (R / s(z_part))
 
-with the stabilised denominator ``s(d) = d + eps * sign0(d)`` and ``sign0(0) = +1``.
-Most rules have one part with one term and only override ``modify_input``,
-``modify_weight`` and ``modify_bias`` (as in RelevancePropagation.jl); sign-split rules
-(ZPlus, AlphaBeta, GeneralizedGamma, ZBox) override ``parts``.
+with the stabilised denominator ``s(d) = d + eps * sign0(d)`` and ``sign0(0) = +1``. A term
+rule states its parts (``parts()``); ``crp_toolkit.engine.terms`` evaluates them fast.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from crp_toolkit.engine import terms
+from crp_toolkit.engine.graph import Layer
+from crp_toolkit.engine.ops import Evaluate
+
 Modifier = Callable[[Tensor], Tensor]
+ParamView = Callable[[tuple, Tensor, Modifier], Tensor]
 
 
 def identity(t: Tensor) -> Tensor:
@@ -42,6 +51,11 @@ def negative(t: Tensor) -> Tensor:
 def ones(t: Tensor) -> Tensor:
     """A tensor of ones shaped like ``t`` (Flat and WSquare inputs)."""
     return torch.ones_like(t)
+
+
+def square(t: Tensor) -> Tensor:
+    """``t * t`` (WSquare weights)."""
+    return t * t
 
 
 def stabilize(z: Tensor, eps: float) -> Tensor:
@@ -76,6 +90,16 @@ class Term:
             and self.sign == 1.0
         )
 
+    @property
+    def vanishes_on_nonnegative(self) -> bool:
+        """True when the term is zero for inputs >= 0 (it reads x- and has no bias)."""
+        return self.input is negative and self.bias is None
+
+    @property
+    def keeps_nonnegative(self) -> bool:
+        """True when the input modifier is the identity on inputs >= 0 (x+ = x)."""
+        return self.input is positive
+
 
 @dataclass(frozen=True)
 class Part:
@@ -90,6 +114,11 @@ class Part:
     select: Callable[[Tensor], Tensor] | None = None
     sign: int = 0  # +1 / -1 when the denominator is >= 0 / <= 0 by construction
 
+    @property
+    def is_plain(self) -> bool:
+        """True when the denominator is the layer's own output."""
+        return len(self.terms) == 1 and self.terms[0].is_plain
+
     def denominator(self, z: Tensor, eps: float, *, fresh: bool = False) -> Tensor:
         """``s(z)``; where the sign is known, a single shift (in place when ``z`` is a fresh
         tensor nobody else holds)."""
@@ -99,103 +128,144 @@ class Part:
         return z.add_(shift) if fresh else z + shift
 
 
+@dataclass
+class LayerValues:
+    """What a rule sees of one layer in the relevance pass.
+
+    ``inputs`` (empty unless the rule reads them) and ``output`` (None unless it reads it)
+    come from the forward pass; ``evaluate`` re-runs the layer on other inputs;
+    ``nonnegative``: every input is >= 0 by construction (it comes from a ReLU);
+    ``pooled``: (winner indices, input shape) recorded by a max-pooling layer; ``params``:
+    ``params(key, parameter, modify)`` is ``modify(parameter)`` computed once per parameter
+    version; ``cache``: tensors a rule may keep for later relevance passes over the same
+    forward pass (None when only one follows).
+    """
+
+    layer: Layer
+    inputs: Sequence[Tensor]
+    output: Tensor | None
+    evaluate: Evaluate
+    nonnegative: bool
+    pooled: tuple[Tensor, torch.Size] | None
+    params: ParamView
+    cache: dict | None
+
+
 class Rule:
-    """Base of all rules: one part, one term built from the three modifiers."""
+    """Base of all rules: the three questions the engine asks (see the module docstring).
 
-    stabilizer: float = 1e-6
-    denominator_sign: ClassVar[int] = 0  # +1 where every modified contribution is >= 0
+    ``fits`` names the layers a rule is compatible with, for the error message.
+    """
 
-    def modify_input(self, x: Tensor) -> Tensor:
-        return x
+    fits: ClassVar[str] = "no layer"
 
-    def modify_weight(self, w: Tensor) -> Tensor:
-        return w
+    def is_compatible(self, layer: Layer) -> bool:
+        """Whether the rule can explain ``layer``."""
+        raise NotImplementedError
 
-    def modify_bias(self, b: Tensor) -> Tensor:
-        return self.modify_weight(b)
+    def reads_inputs(self, layer: Layer) -> bool:
+        """Whether ``relevance_in`` reads the layer's inputs (else they may be freed)."""
+        return True
 
-    def parts(self) -> tuple[Part, ...]:
-        """The rule as parts and terms (see the module docstring)."""
-        cls = type(self)
+    def reads_output(self, layer: Layer) -> bool:
+        """Whether ``relevance_in`` reads the layer's own output (else it may be freed)."""
+        return False
 
-        def pick(name: str) -> Modifier:
-            overridden = getattr(cls, name) is not getattr(Rule, name)
-            return getattr(self, name) if overridden else identity
-
-        bias = pick("modify_bias")
-        if bias is identity and pick("modify_weight") is not identity:
-            bias = self.modify_bias
-        term = Term(pick("modify_input"), pick("modify_weight"), bias)
-        return (Part((term,), sign=self.denominator_sign),)
+    def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
+        """Relevance (K, B, ...) at each input of the layer given ``R`` at its output; None
+        for an input that gets none."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
-        fields = getattr(self, "__dataclass_fields__", {})
-        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in fields if fields[k].repr)
+        shown = fields(self) if is_dataclass(self) else ()
+        args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in shown if f.repr)
         return f"{type(self).__name__}({args})"
 
 
+class TermRule(Rule):
+    """A rule for linear layers stated as parts and terms (see the module docstring); the
+    default is one plain term: ``R_in = x * W^T (R / s(z))``."""
+
+    stabilizer: float = 1e-6
+    fits: ClassVar[str] = (
+        "linear ops (conv, dense, sum, concatenation, average pooling, reshape); "
+        "give other layers PassRule"
+    )
+
+    def parts(self) -> tuple[Part, ...]:
+        return (Part((Term(),)),)
+
+    def is_compatible(self, layer: Layer) -> bool:
+        return layer.op.linear
+
+    def reads_output(self, layer: Layer) -> bool:
+        """A part whose denominator is the layer's plain output, or that selects by its sign."""
+        return any(part.select is not None or part.is_plain for part in self.parts())
+
+    def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
+        return terms.relevance(values, self.parts(), self.stabilizer, R)
+
+
 @dataclass(repr=False)
-class ZeroRule(Rule):
-    """LRP-0: ``x * W^T (R / s(z))`` with a tiny stabilizer (discouraged in deep layers)."""
+class ZeroRule(TermRule):
+    """LRP-0: ``R_in = x * W^T (R / s(z))`` with a tiny stabilizer (discouraged in deep
+    layers). Bach et al. 2015, "On pixel-wise explanations for non-linear classifier
+    decisions by layer-wise relevance propagation", PLoS ONE."""
 
     stabilizer: float = 1e-9
 
 
 @dataclass(repr=False)
-class EpsilonRule(Rule):
-    """LRP-epsilon: like LRP-0, with a larger stabilizer that absorbs weak, noisy relevance."""
+class EpsilonRule(TermRule):
+    """LRP-epsilon: ``R_in = x * W^T (R / s(z))``; the larger stabilizer absorbs weak, noisy
+    relevance. Bach et al. 2015 (PLoS ONE); Montavon et al. 2019, "Layer-wise relevance
+    propagation: an overview" (LNCS 11700)."""
 
     stabilizer: float = 1e-6
 
 
 @dataclass(repr=False)
-class GammaRule(Rule):
-    """Classic LRP-gamma: weights and bias favour positive contributions, ``W + g W+``."""
+class GammaRule(TermRule):
+    """Classic LRP-gamma: ``W' = W + g W+``, ``b' = b + g b+``;
+    ``R_in = x * W'^T (R / s(W' x + b'))``. Montavon et al. 2019 (LNCS 11700)."""
 
     gamma: float = 0.25
     stabilizer: float = 1e-6
 
-    def modify_weight(self, w: Tensor) -> Tensor:
-        return w + self.gamma * w.clamp(min=0)
+    def parts(self) -> tuple[Part, ...]:
+        up = _raised(self.gamma)
+        return (Part((Term(identity, up, up),)),)
 
 
 @dataclass(repr=False)
-class WSquareRule(Rule):
-    """LRP-w^2: input set to 1, weights squared, no bias."""
+class WSquareRule(TermRule):
+    """LRP-w^2: input set to 1, weights squared, no bias:
+    ``R_in = W^2^T (R / (W^2 1))``. Montavon et al. 2017, "Explaining nonlinear
+    classification decisions with deep Taylor decomposition", Pattern Recognition."""
 
     stabilizer: float = 1e-6
-    denominator_sign: ClassVar[int] = 1
 
-    def modify_input(self, x: Tensor) -> Tensor:
-        return torch.ones_like(x)
-
-    def modify_weight(self, w: Tensor) -> Tensor:
-        return w * w
-
-    def modify_bias(self, b: Tensor) -> Tensor:
-        return torch.zeros_like(b)
+    def parts(self) -> tuple[Part, ...]:
+        return (Part((Term(ones, square, None),), sign=1),)
 
 
 @dataclass(repr=False)
-class FlatRule(Rule):
-    """LRP-flat: relevance spread uniformly over each receptive field (inputs and weights 1)."""
+class FlatRule(TermRule):
+    """LRP-flat: inputs and weights set to 1, no bias, so ``R`` spreads uniformly over each
+    receptive field. Lapuschkin et al. 2019, "Unmasking Clever Hans predictors and assessing
+    what machines really learn", Nature Communications."""
 
     stabilizer: float = 1e-6
-    denominator_sign: ClassVar[int] = 1
 
-    def modify_input(self, x: Tensor) -> Tensor:
-        return torch.ones_like(x)
-
-    def modify_weight(self, w: Tensor) -> Tensor:
-        return torch.ones_like(w)
-
-    def modify_bias(self, b: Tensor) -> Tensor:
-        return torch.zeros_like(b)
+    def parts(self) -> tuple[Part, ...]:
+        return (Part((Term(ones, ones, None),), sign=1),)
 
 
 @dataclass(repr=False)
-class ZPlusRule(Rule):
-    """LRP-z+: ``z+ = W+ x+ + W- x- + b+``, relevance only along positive contributions."""
+class ZPlusRule(TermRule):
+    """LRP-z+: ``z+ = W+ x+ + W- x- + b+``;
+    ``R_in = x+ * W+^T (R / s(z+)) + x- * W-^T (R / s(z+))``. Montavon et al. 2017
+    (Pattern Recognition)."""
 
     stabilizer: float = 1e-6
 
@@ -204,8 +274,10 @@ class ZPlusRule(Rule):
 
 
 @dataclass(repr=False)
-class AlphaBetaRule(Rule):
-    """LRP-alpha-beta: ``alpha`` times the z+ part minus ``beta`` times the z- part."""
+class AlphaBetaRule(TermRule):
+    """LRP-alpha-beta: ``alpha`` times the z+ part (as ZPlusRule) minus ``beta`` times the
+    z- part, ``z- = W- x+ + W+ x- + b-``; ``alpha - beta = 1``, both >= 0. Bach et al. 2015
+    (PLoS ONE)."""
 
     alpha: float = 2.0
     beta: float = 1.0
@@ -231,36 +303,31 @@ class AlphaBetaRule(Rule):
 
 
 @dataclass(repr=False)
-class GeneralizedGammaRule(Rule):
-    """Sign-split gamma rule for leaky activations (Andeol et al. 2021; zennit >= 0.5 Gamma).
+class GeneralizedGammaRule(TermRule):
+    """Sign-split gamma rule for leaky activations (zennit >= 0.5 calls it Gamma).
 
     Where the layer output is positive, relevance follows ``W + g W+`` on positive inputs and
-    ``W + g W-`` on negative inputs; where it is negative, the two swap.
+    ``W + g W-`` on negative inputs; where it is negative, the two swap. Andeol et al. 2021,
+    "Learning domain invariant representations by joint Wasserstein distance minimization"
+    (arXiv:2106.04923), after Montavon et al. 2019.
     """
 
     gamma: float = 0.25
     stabilizer: float = 1e-6
 
     def parts(self) -> tuple[Part, ...]:
-        g = self.gamma
-
-        def up(w: Tensor) -> Tensor:
-            return w + g * w.clamp(min=0)
-
-        def down(w: Tensor) -> Tensor:
-            return w + g * w.clamp(max=0)
-
+        up, down = _raised(self.gamma), _lowered(self.gamma)
         pos = Part((Term(positive, up, up), Term(negative, down, None)), select=_is_positive)
         neg = Part((Term(positive, down, down), Term(negative, up, None)), select=_is_negative)
         return pos, neg
 
 
 @dataclass(repr=False)
-class ZBoxRule(Rule):
-    """LRP-z^B for bounded inputs in ``[low, high]`` (scalars or input-shaped tensors).
-
-    ``z = W x - W+ l - W- h`` (the bias cancels).
-    """
+class ZBoxRule(TermRule):
+    """LRP-z^B for inputs bounded by ``[low, high]`` (scalars or input-shaped tensors):
+    ``z = W x - W+ l - W- h`` (the bias cancels);
+    ``R_in = x W^T s - l W+^T s - h W-^T s`` with ``s = R / s(z)``. Montavon et al. 2017
+    (Pattern Recognition)."""
 
     low: float | Tensor = field(default=None)
     high: float | Tensor = field(default=None)
@@ -270,39 +337,93 @@ class ZBoxRule(Rule):
         if self.low is None or self.high is None:
             raise ValueError("ZBoxRule needs the input bounds: ZBoxRule(low, high)")
 
-    def _bound(self, value: float | Tensor) -> Modifier:
-        def fill(x: Tensor) -> Tensor:
-            if isinstance(value, Tensor):
-                return value.to(x).expand_as(x)
-            return torch.full_like(x, float(value))
-
-        return fill
-
     def parts(self) -> tuple[Part, ...]:
         terms = (
             Term(identity, identity, None),
-            Term(self._bound(self.low), positive, None, sign=-1.0),
-            Term(self._bound(self.high), negative, None, sign=-1.0),
+            Term(_filled(self.low), positive, None, sign=-1.0),
+            Term(_filled(self.high), negative, None, sign=-1.0),
         )
         return (Part(terms),)
 
 
+# Linear kinds that mix values (PassRule would change their number).
+_MIXING_KINDS = ("add", "avgpool", "conv", "linear")
+
+
 @dataclass(repr=False)
 class PassRule(Rule):
-    """Relevance passes unchanged: as is through elementwise ops, and back to where it came
-    from through routing ops (reshape, concatenation, max-pooling winner, gate input)."""
+    """``R_in = R``: as is through elementwise ops, back to where it came from through routing
+    ops (reshape, concatenation, gate input; at max pooling the winner of each window takes
+    all). RelevancePropagation.jl's PassRule; Montavon et al. 2019 (LNCS 11700)."""
+
+    fits: ClassVar[str] = (
+        "layers that keep or route values (activations, normalisation, dropout, reshape, "
+        "concatenation, gates, max pooling); weighted layers need EpsilonRule or another "
+        "weighted rule"
+    )
+
+    def is_compatible(self, layer: Layer) -> bool:
+        return layer.kind not in _MIXING_KINDS
+
+    def reads_inputs(self, layer: Layer) -> bool:
+        return not (layer.op.elementwise or layer.op.reports_indices(layer.module))
+
+    def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
+        layer = values.layer
+        if layer.op.elementwise:
+            return [R] + [None] * (len(layer.inputs) - 1)
+        if values.pooled is not None:
+            return [layer.op.unpool(R, *values.pooled)]
+        return layer.op.route(R, values.inputs, values.evaluate, layer.gate)
 
 
 @dataclass(repr=False)
 class LayerNormRule(Rule):
-    """LN-rule (Ali et al. 2022): LayerNorm as a linear centering with sigma detached,
-    relevance redistributed by the epsilon rule through that linear map."""
+    """LN-rule: ``y = (x - mean(x)) * g / sigma + b`` with ``sigma`` held constant, relevance
+    redistributed by the epsilon rule through that linear map:
+    ``R_in = x * (u - mean(u))``, ``u = g / sigma * R / s(y)``. Ali et al. 2022, "XAI for
+    transformers: better explanations through conservative propagation", ICML."""
 
     stabilizer: float = 1e-6
+    fits: ClassVar[str] = "LayerNorm layers"
+
+    def is_compatible(self, layer: Layer) -> bool:
+        return layer.kind == "layernorm"
+
+    def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
+        module, x = values.layer.module, values.inputs[0]
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        mean = x.mean(dims, keepdim=True)
+        sigma = (x.var(dims, unbiased=False, keepdim=True) + module.eps).sqrt()
+        gain = module.weight / sigma if module.weight is not None else 1.0 / sigma
+        y = (x - mean) * gain + (module.bias if module.bias is not None else 0.0)
+        u = R / stabilize(y, self.stabilizer) * gain
+        return [x * (u - u.mean(dims, keepdim=True))]
 
 
 def _positive_terms() -> tuple[Term, Term]:
     return Term(positive, positive, positive), Term(negative, negative, None)
+
+
+def _raised(gamma: float) -> Modifier:
+    """``w -> w + g w+``."""
+    return lambda w: w + gamma * w.clamp(min=0)
+
+
+def _lowered(gamma: float) -> Modifier:
+    """``w -> w + g w-``."""
+    return lambda w: w + gamma * w.clamp(max=0)
+
+
+def _filled(value: float | Tensor) -> Modifier:
+    """``x -> value`` broadcast to the shape of ``x`` (ZBox bounds)."""
+
+    def fill(x: Tensor) -> Tensor:
+        if isinstance(value, Tensor):
+            return value.to(x).expand_as(x)
+        return torch.full_like(x, float(value))
+
+    return fill
 
 
 def _is_positive(z: Tensor) -> Tensor:

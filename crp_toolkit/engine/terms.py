@@ -1,0 +1,142 @@
+"""Term rules evaluated fast: modified parameters computed once per parameter version, the
+terms of a part stacked into one modified forward and one transposed op (ZBox, AlphaBeta,
+...), terms that vanish on non-negative inputs dropped, and the layer's own output reused as
+the denominator where a part is its plain forward pass (epsilon, zero)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from crp_toolkit.engine.graph import Layer
+
+if TYPE_CHECKING:
+    from crp_toolkit.engine.rules import LayerValues, ParamView, Part, Term
+
+
+def relevance(
+    values: LayerValues, parts: Sequence[Part], stabilizer: float, R: Tensor
+) -> list[Tensor | None]:
+    """Per part, a denominator from the (modified) forward pass, then one transposed op per
+    (stacked) term; the contributions of all parts summed per input."""
+    layer, inputs = values.layer, values.inputs
+    result: list[Tensor | None] = [None] * len(inputs)
+    for p, part in enumerate(parts):
+        prepared = [
+            _prepare(t, layer, inputs, values.nonnegative, values.params, (p, k))
+            for k, t in enumerate(part.terms)
+        ]
+        stacked = _fuse([t for t in prepared if t is not None], layer)
+        d = _denominator(values, part, p, stacked, stabilizer)
+        R_part = R if part.select is None else R * part.select(values.output)
+        s = R_part / d
+        for term in stacked:
+            for j, contribution in _contributions(values, term, s, part.coef * term.sign):
+                result[j] = contribution if result[j] is None else result[j] + contribution
+    return result
+
+
+@dataclass
+class _PreparedTerm:
+    """A term with its modified inputs and parameters computed once."""
+
+    plain: bool
+    inputs: list[Tensor]
+    weight: Tensor | None
+    bias: Tensor | None
+    sign: float
+    fused: int = 1  # how many terms are stacked along the input channels
+
+
+def _prepare(
+    term: Term,
+    layer: Layer,
+    inputs: Sequence[Tensor],
+    nonneg: bool,
+    params: ParamView,
+    key: tuple[int, int],
+) -> _PreparedTerm | None:
+    """Modify inputs and parameters once; drop terms that vanish on non-negative inputs."""
+    if nonneg and term.vanishes_on_nonnegative:
+        return None  # x- = 0 and no bias: the term contributes nothing
+    keep = nonneg and term.keeps_nonnegative  # x+ = x
+    modified = [x if keep else term.input(x) for x in inputs]
+    module = layer.module
+    weight = bias = None
+    if layer.op.parametric:
+        weight = params((*key, "weight"), module.weight, term.weight)
+        if module.bias is not None and term.bias is not None:
+            bias = params((*key, "bias"), module.bias, term.bias)
+    return _PreparedTerm(term.is_plain, modified, weight, bias, term.sign)
+
+
+def _fuse(terms: list[_PreparedTerm], layer: Layer) -> list[_PreparedTerm]:
+    """Stack the terms of a part along input channels, so a conv or dense layer runs one
+    modified forward and one transposed op instead of one per term (ZBox, AlphaBeta, ...)."""
+    module = layer.module
+    if len(terms) < 2 or not layer.op.parametric or getattr(module, "groups", 1) != 1:
+        return terms
+    if getattr(module, "transposed", False) or getattr(module, "padding_mode", "zeros") != "zeros":
+        return terms
+    dim = -1 if layer.kind == "linear" else 1
+    x = torch.cat([t.inputs[0] for t in terms], dim=dim)
+    weight = torch.cat([t.sign * t.weight for t in terms], dim=1)
+    biases = [t.sign * t.bias for t in terms if t.bias is not None]
+    bias = torch.stack(biases).sum(0) if biases else None
+    return [_PreparedTerm(False, [x], weight, bias, 1.0, fused=len(terms))]
+
+
+def _denominator(
+    values: LayerValues, part: Part, p: int, terms: Sequence[_PreparedTerm], stabilizer: float
+) -> Tensor:
+    """``s(z_part)``, kept in ``values.cache`` for later relevance passes where there are."""
+    cache = values.cache
+    d = None if cache is None else cache.get(p)
+    if d is None:
+        fresh = not (len(terms) == 1 and terms[0].plain)  # not the saved output
+        d = part.denominator(_part_output(values, terms), stabilizer, fresh=fresh)
+        if cache is not None:
+            cache[p] = d
+    return d
+
+
+def _part_output(values: LayerValues, terms: Sequence[_PreparedTerm]) -> Tensor:
+    """The output of one part: the layer's own output when the part is its forward."""
+    if len(terms) == 1 and terms[0].plain:
+        return values.output
+    layer = values.layer
+    z = None
+    for t in terms:
+        if layer.op.parametric:
+            out = layer.op.forward(t.inputs[0], layer.module, t.weight, t.bias)
+        else:
+            out = values.evaluate(t.inputs)
+        out = out if t.sign == 1.0 else t.sign * out
+        z = out if z is None else z + out
+    return z
+
+
+def _contributions(values: LayerValues, term: _PreparedTerm, s: Tensor, scale: float):
+    """(input position, ``input_t(x) * layer_t^T s``) for each input the term reaches."""
+    layer, inputs = values.layer, values.inputs
+    if layer.op.parametric:
+        grads = [layer.op.transpose_params(s, term.inputs[0], layer.module, term.weight)]
+    else:
+        grads = layer.op.transpose(s, inputs, values.evaluate)
+    for j, (x, g) in enumerate(zip(term.inputs, grads, strict=True)):
+        if g is None:
+            continue
+        own = layer.op.parametric and g.shape == torch.broadcast_shapes(g.shape, x.shape)
+        contribution = g.mul_(x) if own else g * x  # g is fresh from a transpose
+        if scale != 1.0:
+            contribution.mul_(scale)
+        if term.fused > 1:  # sum the stacked terms' slices
+            dim = -1 if layer.kind == "linear" else 2
+            shape = list(contribution.shape)
+            shape[dim : dim + 1 or None] = [term.fused, shape[dim] // term.fused]
+            contribution = contribution.reshape(shape).sum(dim - 1 if dim < 0 else dim)
+        yield j, contribution
