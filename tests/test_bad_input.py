@@ -19,7 +19,7 @@ from conftest import FASHION_OVERRIDES, Images, cli
 from omegaconf import OmegaConf
 
 import crp_toolkit as ct
-from crp_toolkit.app.stages import open_store
+from crp_toolkit.app.context import open_store
 from crp_toolkit.data.datasets import NpzDataset
 from crp_toolkit.data.loading import BadLabelError, UnreadableSampleError, gather
 from crp_toolkit.store.analysis import analyze_dataset

@@ -14,7 +14,7 @@ from conftest import BROKEN, STORE_DESCRIPTION, cli
 from omegaconf import OmegaConf
 
 import crp_toolkit as ct
-from crp_toolkit.app.stages import open_store
+from crp_toolkit.app.context import open_store
 from crp_toolkit.store.analysis import analyze_dataset
 from crp_toolkit.store.integrity import StoreDamagedError
 from crp_toolkit.store.verify import verify

@@ -17,21 +17,19 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-import crp_toolkit
 from crp_toolkit.concepts.concepts import ChannelConcept
 from crp_toolkit.concepts.conditional import propagate_conditioned
 from crp_toolkit.data.loading import first_readable, grouped
 from crp_toolkit.engine.explanation import explain as explain_batch
 from crp_toolkit.engine.lrp import LRP
+from crp_toolkit.store.study import make_provenance
 from crp_toolkit.store.tables import SOURCES, chunk_tables, merge_when_complete
 from crp_toolkit.store.verify import damaged_units
 from crp_toolkit.store.zarr_store import (
     Layout,
     Store,
     create_or_resume,
-    dataset_fingerprint,
     done_chunks,
-    model_fingerprint,
     write_chunk,
 )
 
@@ -272,15 +270,7 @@ def analyze_dataset(
         raise ValueError(
             f"{len(class_names)} class names for a model with {layout.classes} outputs"
         )
-    provenance = {
-        "model": model_fingerprint(analyzer.model),
-        "dataset": dataset_fingerprint(dataset, dataset_description),
-        "composite": repr(analyzer.composite),
-        "explain": explain,
-        "output_relevance": "one" if analyzer.normalize_output_relevance else "logit",
-        "package_version": crp_toolkit.__version__,
-        "config": config or {},
-    }
+    provenance = make_provenance(analyzer, dataset, dataset_description, explain, config)
     group = create_or_resume(path, layout, provenance)
     path = Path(path).resolve()
     mine = range(shard, layout.n_chunks, shards)
