@@ -15,6 +15,7 @@ from crp_toolkit.data.world import ConceptWorld
 from crp_toolkit.mining.ablation import ORDERINGS, ablation_curves, read_ablation
 from crp_toolkit.store import Study
 from crp_toolkit.store.analysis import analyze_dataset
+from crp_toolkit.store.zarr_store import StoreOptions
 
 
 def curves(analyzer, dataset, store, layer, **options):
@@ -118,8 +119,8 @@ def test_relevance_order_falls_fastest_in_the_concept_world(tmp_path, layer):
         path,
         dataset_description="world",
         explain="prediction",
-        chunk=64,
         progress=False,
+        options=StoreOptions(chunk=64),
     )
     study = Study(ct.store.open(path), analyzer, world, "world")
     for seed in range(2):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 import crp_toolkit as ct
 from crp_toolkit.app.context import Loaded, class_names, load, store_path
 from crp_toolkit.store.analysis import analyze_dataset
+from crp_toolkit.store.zarr_store import StoreOptions
 
 log = logging.getLogger("crp_toolkit")
 
@@ -30,18 +32,13 @@ def analyze(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
         list(cfg.concepts.layers),
         store,
         dataset_description=loaded.description,
-        chunk=cfg.store.chunk,
+        options=StoreOptions(**{f.name: cfg.store[f.name] for f in fields(StoreOptions)}),
         explain=cfg.analysis.explain,
         device=cfg.device,
         loader_options=dict(cfg.loader),
         config=config,
         shard=shard,
         shards=shards,
-        maps=cfg.store.maps,
-        k=cfg.store.tables_k,
-        k_class=cfg.store.class_tables_k,
-        logits_k=cfg.store.logits_k,
-        top_heatmaps=cfg.store.top_heatmaps,
         class_names=class_names(loaded.dataset, loaded.classes),
     )
     summary = {
