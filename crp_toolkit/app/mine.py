@@ -78,15 +78,15 @@ def mine_layer(
     m: DictConfig, study: Study, layer: str, *, reuse: bool, progress: bool = False
 ) -> MinedLayer:
     """A layer's mining results by the ``mining`` config, kept in the store. With ``reuse``,
-    results the store already holds for the same settings are read back instead. With
-    ``progress``, bars of the references localised (when not cached) on stderr."""
+    results the store already holds for the same settings (their key) are read back instead.
+    With ``progress``, bars of the references localised (when not cached) on stderr."""
     store, scoring = study.store, {"target": m.target, "normalised": m.normalised}
 
     def kept(kind, name: str, compute, **settings):
-        found = load_result(store, kind, name) if reuse else None
-        if found is None or any(getattr(found, k) != v for k, v in settings.items()):
+        found = load_result(store, kind, name, settings) if reuse else None
+        if found is None:
             found = compute()
-            save_result(store, found)
+            save_result(store, found, settings)
         return found
 
     stats = kept(
@@ -101,14 +101,15 @@ def mine_layer(
         ConceptSimilarity,
         f"similarity/{layer}/relevance",
         lambda: concept_similarity(store, layer, n_clusters=clusters, **scoring),
+        n_clusters=clusters,
         **scoring,
     )
+    fitting = {"n_prototypes": m.prototypes, "normalised": m.normalised, "seed": m.seed}
     prototypes = kept(
         Prototypes,
         f"prototypes/{layer}",
-        lambda: fit_prototypes(
-            store, layer, n_prototypes=m.prototypes, normalised=m.normalised, seed=m.seed
-        ),
+        lambda: fit_prototypes(store, layer, **fitting),
+        **fitting,
     )
     concepts = most_relevant(stats, m.concepts)
     refs = [

@@ -4,6 +4,7 @@ relevance). Also the chunk helpers and the result writer the other mining module
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import ClassVar, TypeVar
 
@@ -41,19 +42,20 @@ def class_sums(part: ScoreChunk, classes: int) -> np.ndarray:
 
 
 # -- results kept in the store -----------------------------------------------------------------
-def save_result(store: Store, result) -> str:
+def save_result(store: Store, result, key: Mapping | None = None) -> str:
     """Write a mining result (a dataclass with ``DIMS`` and ``name``) into the store under
-    ``derived/<result.name>``: its array fields with dimension names, the others as attributes.
-    Returns the name."""
+    ``derived/<result.name>``: its array fields with dimension names, the others as attributes,
+    and ``key`` (what made it). Returns the name."""
     arrays = {f.name: getattr(result, f.name) for f in fields(result) if f.name in result.DIMS}
     attrs = {f.name: getattr(result, f.name) for f in fields(result) if f.name not in result.DIMS}
-    write_result(store.path, result.name, arrays, dims=result.DIMS, attrs=attrs)
+    write_result(store.path, result.name, arrays, dims=result.DIMS, attrs=attrs, key=key)
     return result.name
 
 
-def load_result(store: Store, kind: type[R], name: str) -> R | None:
-    """The mining result ``name`` of type ``kind`` read back, or None if the store has none."""
-    found = read_result(store.path, name)
+def load_result(store: Store, kind: type[R], name: str, key: Mapping | None = None) -> R | None:
+    """The mining result ``name`` of type ``kind`` read back, or None if the store has none
+    (or, given ``key``, none made with that key)."""
+    found = read_result(store.path, name, key)
     if found is None:
         return None
     values = {**found.attrs, **found.arrays}
