@@ -38,6 +38,7 @@ from torch.utils.data import TensorDataset
 
 import crp_toolkit as ct
 from crp_toolkit.store.analysis import analyze_dataset
+from crp_toolkit.store.zarr_store import StoreOptions
 
 LAYERS = ["features.20", "features.27", "features.29"]
 OPTIONS = {"plain": {}, "maps": {"maps": True}, "top_heatmaps=3": {"top_heatmaps": 3}}
@@ -70,7 +71,8 @@ def gradient_pass(model, data: TensorDataset, batch: int, device) -> Callable[[P
 
 def ours(model, data, args, device, **options) -> Callable[[Path], None]:
     """``analyze_dataset`` in chunks of ``args.chunk`` (default: the batch) explained
-    ``args.batch`` at a time, read by ``args.workers`` loader processes."""
+    ``args.batch`` at a time, read by ``args.workers`` loader processes; ``options``: more
+    store options."""
     analyzer = ct.LRP(ct.canonize(model), ct.composites.EpsilonPlusFlat())
     loader = {"num_workers": args.workers, "batch_size": args.batch, "pin_memory": True}
 
@@ -81,11 +83,10 @@ def ours(model, data, args, device, **options) -> Callable[[Path], None]:
             LAYERS,
             tmp / "store.zarr",
             dataset_description="bench",
-            chunk=args.chunk or args.batch,
             device=str(device),
             loader_options=loader,
             progress=False,
-            **options,
+            options=StoreOptions(chunk=args.chunk or args.batch, **options),
         )
         sync(device)
 

@@ -24,7 +24,7 @@ from crp_toolkit.data.world import ConceptWorld
 from crp_toolkit.store.analysis import analyze_dataset
 from crp_toolkit.store.integrity import unit_digest
 from crp_toolkit.store.verify import verify
-from crp_toolkit.store.zarr_store import Layout
+from crp_toolkit.store.zarr_store import Layout, StoreOptions
 
 LAYERS = ["features.12", "features.8"]
 
@@ -69,7 +69,7 @@ def main() -> None:
             LAYERS,
             path,
             dataset_description="world",
-            chunk=args.chunk,
+            options=StoreOptions(chunk=args.chunk),
             loader_options={"num_workers": 0},
             progress=False,
         )
@@ -86,7 +86,7 @@ def main() -> None:
             path = Path(tmp) / "s.zarr"
             for name, work in steps.items():
                 times.setdefault(name, []).append(timed(work, path))
-            shutil.rmtree(next((path / "layers/features.8/relevance/c").iterdir()))  # unit 0
+            shutil.rmtree(next((path / "layers/features.8/relevance/c").iterdir()))  # one unit lost
             times.setdefault("analyze rerun, one unit lost", []).append(timed(run_pass, path))
     base = statistics.median(times["pass (fresh store)"])
     print(f"{args.n} images, chunks of {args.chunk}, layers {LAYERS}, median of {args.repeat}")

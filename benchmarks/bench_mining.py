@@ -28,7 +28,13 @@ from crp_toolkit.mining.references import reference_samples
 from crp_toolkit.mining.similarity import concept_similarity
 from crp_toolkit.mining.statistics import class_statistics
 from crp_toolkit.store.tables import chunk_tables, merge_tables
-from crp_toolkit.store.zarr_store import Layout, Store, create_or_resume, write_chunk
+from crp_toolkit.store.zarr_store import (
+    Layout,
+    Store,
+    StoreOptions,
+    create_or_resume,
+    write_chunk,
+)
 
 LAYER = "features"
 SPATIAL = (7, 7)
@@ -83,8 +89,8 @@ def chunk_data(layout: Layout, chunk: int, patterns: np.ndarray, seed: int) -> d
         labels,
         valid,
         layout.rows(chunk).start,
-        k=layout.k,
-        k_class=layout.k_class,
+        k=layout.options.tables_k,
+        k_class=layout.options.class_tables_k,
         entries=layout.class_entries,
         n_classes=classes,
     )
@@ -93,7 +99,7 @@ def chunk_data(layout: Layout, chunk: int, patterns: np.ndarray, seed: int) -> d
 
 
 def build_store(path: Path, n: int, concepts: int, classes: int, chunk: int, seed: int = 0):
-    layout = Layout(n, chunk, classes, {LAYER: (concepts, *SPATIAL)}, k_class=8)
+    layout = Layout(n, classes, {LAYER: (concepts, *SPATIAL)}, StoreOptions(chunk, tables_k=0))
     patterns = np.random.default_rng(seed).gamma(0.3, size=(classes, concepts))
     group = create_or_resume(path, layout, {"model": "synthetic", "dataset": f"synthetic-{n}"})
     for i in range(layout.n_chunks):

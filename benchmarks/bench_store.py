@@ -18,6 +18,7 @@ import crp_toolkit as ct
 from crp_toolkit.data.training import load_world_model
 from crp_toolkit.data.world import ConceptWorld
 from crp_toolkit.store.analysis import analyze_dataset
+from crp_toolkit.store.zarr_store import StoreOptions
 
 
 def disk_bytes(path: Path) -> int:
@@ -39,12 +40,12 @@ def main() -> None:
     )
     layers = ["features.12", "features.8"]
     options = {
-        "no tables": {"k": 0, "k_class": 0},
-        "tables": {},
-        "tables + maps": {"maps": True},
+        "no tables": StoreOptions(chunk=args.chunk, tables_k=0, class_tables_k=0),
+        "tables": StoreOptions(chunk=args.chunk),
+        "tables + maps": StoreOptions(chunk=args.chunk, maps=True),
     }
     print("| store | samples | seconds | img/s | bytes/sample |\n|---|---|---|---|---|")
-    for name, extra in options.items():
+    for name, store_options in options.items():
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "s.zarr"
             start = time.perf_counter()
@@ -54,10 +55,9 @@ def main() -> None:
                 layers,
                 path,
                 dataset_description="world",
-                chunk=args.chunk,
                 loader_options={"num_workers": 0},
                 progress=False,
-                **extra,
+                options=store_options,
             )
             seconds = time.perf_counter() - start
             print(

@@ -43,7 +43,7 @@ from torch.utils.data import TensorDataset
 import crp_toolkit as ct
 from crp_toolkit.store.analysis import analyze_dataset, layer_tables
 from crp_toolkit.store.tables import merge_tables
-from crp_toolkit.store.zarr_store import Layout, create_or_resume, write_chunk
+from crp_toolkit.store.zarr_store import Layout, StoreOptions, create_or_resume, write_chunk
 
 
 def chunk_arrays(layout: Layout, chunk: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -64,9 +64,8 @@ def chunk_arrays(layout: Layout, chunk: int, rng: np.random.Generator) -> dict[s
 
 def layout_for(args, classes: int) -> Layout:
     layers = {f"layer{i}": (args.concepts, 14, 14) for i in range(args.layers)}
-    return Layout(
-        max(args.chunks, 1) * args.rows, args.rows, classes, layers, k=args.k, k_class=args.k_class
-    )
+    options = StoreOptions(chunk=args.rows, tables_k=args.k, class_tables_k=args.k_class)
+    return Layout(max(args.chunks, 1) * args.rows, classes, layers, options)
 
 
 def time_chunk(layout: Layout, repeats: int, rng: np.random.Generator) -> list[float]:
@@ -114,10 +113,10 @@ def time_analysis(n: int, chunk: int, repeats: int) -> dict[str, list[float]]:
                     LAYERS,
                     Path(tmp) / "s.zarr",
                     dataset_description="bench",
-                    chunk=chunk,
                     loader_options={"num_workers": 0},
                     progress=False,
                     **k,
+                    options=StoreOptions(chunk=chunk),
                 )
                 runs[name].append(time.perf_counter() - start)
     return runs
@@ -174,10 +173,10 @@ def time_pipeline(args, classes: int) -> dict[str, list[float]]:
                     layers,
                     Path(tmp) / "s.zarr",
                     dataset_description="bench",
-                    chunk=args.rows,
                     loader_options={"num_workers": 0, "batch_size": 64},
                     progress=False,
                     **k,
+                    options=StoreOptions(chunk=args.rows),
                 )
                 runs[name].append(time.perf_counter() - start)
                 peaks[name].append(peak_rss_bytes())

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from matplotlib import pyplot as plt
 
-from crp_toolkit.app.stages import open_run
+from crp_toolkit.app.context import open_run
 from crp_toolkit.data.world import CONCEPTS
 from crp_toolkit.mining.discovery import base_dataset, ground_truth, mass_accuracy
-from crp_toolkit.mining.localise import conditional_maps, read_samples
+from crp_toolkit.mining.localise import conditional_maps
 
 MARK = CONCEPTS.index("watermark")
 
@@ -35,29 +35,30 @@ def main() -> None:
     p.add_argument("--layer", default=None, help="default: the store's first layer")
     p.add_argument("--top", type=int, default=6, help="concepts shown")
     args = p.parse_args()
-    cfg, loaded, store = open_run(args.run)
+    cfg, study = open_run(args.run)
+    store = study.store
     layer = args.layer or store.layers[0]
-    world = base_dataset(loaded.dataset)
+    world = base_dataset(study.dataset)
     wclass = world.watermark_class
     labels, valid = store.samples("label")[:], store.samples("valid")[:]
     ids = np.flatnonzero(valid & (labels == wclass))
-    masks, presence = ground_truth(loaded.dataset, ids)
+    masks, presence = ground_truth(study.dataset, ids)
     marked = presence[:, MARK]
     relevance = store.layer(layer)[:][ids].astype(np.float64)
     relevance /= np.maximum(np.abs(relevance).sum(1, keepdims=True), 1e-30)
     gap = relevance[marked].mean(0) - relevance[~marked].mean(0)
     top = np.argsort(-gap)[: args.top]
 
-    images = read_samples(loaded.dataset, ids[marked])
+    images = study.images(ids[marked])
     pairs = np.repeat(np.arange(len(images)), len(top))
     concepts = np.tile(top, len(images))
     heat, _ = conditional_maps(
-        loaded.analyzer, images[pairs], [wclass] * len(pairs), layer, concepts.tolist()
+        study.analyzer, images[pairs], [wclass] * len(pairs), layer, concepts.tolist()
     )
     share = mass_accuracy(heat.numpy(), masks[marked][pairs][:, [MARK]])[:, 0]
     share = share.reshape(len(images), len(top)).mean(0)
     area = masks[marked][:, MARK].mean()
-    drop = logit_drop(loaded.analyzer.model, images, masks[marked][:, MARK], wclass)
+    drop = logit_drop(study.analyzer.model, images, masks[marked][:, MARK], wclass)
 
     out = args.run / "experiments"
     out.mkdir(exist_ok=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from matplotlib import pyplot as plt
 
+from crp_toolkit.app.context import open_run
 from crp_toolkit.app.mine import most_relevant
-from crp_toolkit.app.stages import open_run
 from crp_toolkit.atlas.figures import as_rgb
 from crp_toolkit.mining.discovery import (
     base_dataset,
@@ -40,29 +40,24 @@ def main() -> None:
     p.add_argument("--concepts", type=int, default=4)
     p.add_argument("--k", type=int, default=6, help="references per concept")
     args = p.parse_args()
-    cfg, loaded, store = open_run(args.run)
+    cfg, study = open_run(args.run)
+    store = study.store
     layer = args.layer or store.layers[0]
     concepts = most_relevant(class_statistics(store, layer), args.concepts)
-    truth = has_ground_truth(loaded.dataset)
+    truth = has_ground_truth(study.dataset)
     fig, axes = plt.subplots(
         2 * len(concepts), args.k, figsize=(1.3 * args.k, 2.7 * len(concepts)), squeeze=False
     )
     for mode_row, mode in enumerate(KINDS):
-        found = localise_references(
-            loaded.analyzer,
-            loaded.dataset,
-            store,
-            reference_samples(store, layer, mode=mode, k=args.k),
-            dataset_description=loaded.description,
-            concepts=concepts,
-        )
+        table = reference_samples(store, layer, mode=mode, k=args.k)
+        found = localise_references(study, table, concepts=concepts)
         for j, concept in enumerate(concepts):
             row = axes[2 * j + mode_row]
             label = ""
             if truth:
-                masks, presence = ground_truth(loaded.dataset, found.samples[:, j])
+                masks, presence = ground_truth(study.dataset, found.samples[:, j])
                 m = match_references(found.heatmaps[:, j], masks, presence)
-                name = base_dataset(loaded.dataset).concept_names[m.best]
+                name = base_dataset(study.dataset).concept_names[m.best]
                 label = f" ({name} {m.accuracy[m.best]:.2f})"
             for r, ax in enumerate(row):
                 ax.imshow(as_rgb(found.dimmed[r, j]))

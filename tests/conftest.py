@@ -14,6 +14,7 @@ import torch
 import crp_toolkit as ct
 from crp_toolkit.data.fashion import load_fashion_data, load_fashion_model
 from crp_toolkit.store.analysis import analyze_dataset
+from crp_toolkit.store.zarr_store import StoreOptions
 
 SHARED = Path(os.environ.get("CRP_TOOLKIT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 FASHION_DIR = SHARED / "data" / "fashion"
@@ -139,8 +140,8 @@ def _fashion_store(analyzer, dataset, tmp_path_factory):
         ["conv2", "linear1"],
         path,
         dataset_description=STORE_DESCRIPTION,
-        chunk=10,
         progress=False,
+        options=StoreOptions(chunk=10),
     )
     return path
 

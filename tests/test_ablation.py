@@ -13,13 +13,13 @@ import crp_toolkit as ct
 from crp_toolkit.data.training import load_world_model
 from crp_toolkit.data.world import ConceptWorld
 from crp_toolkit.mining.ablation import ORDERINGS, ablation_curves, read_ablation
+from crp_toolkit.store import Study
 from crp_toolkit.store.analysis import analyze_dataset
+from crp_toolkit.store.zarr_store import StoreOptions
 
 
 def curves(analyzer, dataset, store, layer, **options):
-    return ablation_curves(
-        analyzer, dataset, store, layer, dataset_description=STORE_DESCRIPTION, **options
-    )
+    return ablation_curves(Study(store, analyzer, dataset, STORE_DESCRIPTION), layer, **options)
 
 
 def hooked_logits(model, layer, x, classes, keep):
@@ -86,7 +86,7 @@ def test_relevance_order_falls_fastest(analyzer, dataset, store, layer):
 def test_written_to_the_store_and_read_back(analyzer, dataset, store):
     found = curves(analyzer, dataset, store, "conv2", samples=10, steps=4)
     np.testing.assert_array_equal(found.removed, [0, 4, 8, 12, 16])
-    back = read_ablation(store, "conv2")
+    back = read_ablation(Study(store, analyzer, dataset, STORE_DESCRIPTION), "conv2")
     assert back.orderings == found.orderings and back.key == found.key
     for name in ("samples", "classes", "orders", "removed", "logits"):
         np.testing.assert_array_equal(getattr(back, name), getattr(found, name))
@@ -99,7 +99,7 @@ def test_bad_arguments_are_refused(analyzer, dataset, store):
     with pytest.raises(ValueError, match="steps must be"):
         curves(analyzer, dataset, store, "conv2", samples=4, steps=0)
     with pytest.raises(ct.store.StoreMismatchError, match="dataset"):
-        ablation_curves(analyzer, dataset, store, "conv2", dataset_description="other")
+        Study(store, analyzer, dataset, "other")
 
 
 @pytest.mark.slow
@@ -119,17 +119,14 @@ def test_relevance_order_falls_fastest_in_the_concept_world(tmp_path, layer):
         path,
         dataset_description="world",
         explain="prediction",
-        chunk=64,
         progress=False,
+        options=StoreOptions(chunk=64),
     )
-    store = ct.store.open(path)
+    study = Study(ct.store.open(path), analyzer, world, "world")
     for seed in range(2):
         found = ablation_curves(
-            analyzer,
-            world,
-            store,
+            study,
             layer,
-            dataset_description="world",
             samples=128,
             seed=seed,
             steps=16,

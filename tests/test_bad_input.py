@@ -19,11 +19,11 @@ from conftest import FASHION_OVERRIDES, Images, cli
 from omegaconf import OmegaConf
 
 import crp_toolkit as ct
-from crp_toolkit.app.stages import open_store
+from crp_toolkit.app.context import open_store
 from crp_toolkit.data.datasets import NpzDataset
 from crp_toolkit.data.loading import BadLabelError, UnreadableSampleError, gather
 from crp_toolkit.store.analysis import analyze_dataset
-from crp_toolkit.store.zarr_store import StoreMismatchError
+from crp_toolkit.store.zarr_store import StoreMismatchError, StoreOptions
 
 
 class RawLabels(torch.utils.data.Dataset):
@@ -58,8 +58,6 @@ def small(fashion_data):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"chunk": 0}, "'chunk': 0"),
-        ({"chunk": -3}, "'chunk': -3"),
         ({"loader_options": {"batch_size": 0}}, "'batch_size': 0"),
         ({"loader_options": {"on_error": "ignore"}}, "on_error must be 'skip' or 'fail'"),
     ],
@@ -69,6 +67,13 @@ def test_bad_pass_options_are_refused_before_the_store_exists(
 ):
     with pytest.raises(ValueError, match=message):
         run_pass(analyzer, Images(*small), tmp_path / "s.zarr", **options)
+    assert not (tmp_path / "s.zarr").exists() and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("chunk", [0, -3])
+def test_a_bad_chunk_is_refused_before_the_store_exists(analyzer, small, tmp_path, chunk):
+    with pytest.raises(ValueError, match=f"'chunk': {chunk}"):
+        run_pass(analyzer, Images(*small), tmp_path / "s.zarr", options=StoreOptions(chunk=chunk))
     assert not (tmp_path / "s.zarr").exists() and not leftovers(tmp_path)
 
 
@@ -105,7 +110,7 @@ def test_a_nan_image_is_named_by_its_dataset_index(analyzer, small, tmp_path):
     x, y = small
     x[13, 0, 5, 5] = float("nan")
     x[17, 0, 0, 0] = float("inf")
-    report = run_pass(analyzer, Images(x, y), tmp_path / "s.zarr", chunk=8)
+    report = run_pass(analyzer, Images(x, y), tmp_path / "s.zarr", options=StoreOptions(chunk=8))
     assert [s["index"] for s in report.skipped] == [13, 17]
     assert all("NaN or inf" in s["error"] for s in report.skipped)
     valid = ct.store.open(report.path).samples("valid")[:]

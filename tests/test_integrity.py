@@ -14,10 +14,11 @@ from conftest import BROKEN, STORE_DESCRIPTION, cli
 from omegaconf import OmegaConf
 
 import crp_toolkit as ct
-from crp_toolkit.app.stages import open_store
+from crp_toolkit.app.context import open_store
 from crp_toolkit.store.analysis import analyze_dataset
 from crp_toolkit.store.integrity import StoreDamagedError
 from crp_toolkit.store.verify import verify
+from crp_toolkit.store.zarr_store import StoreOptions
 
 LAYERS = ["conv2", "linear1"]
 
@@ -38,8 +39,8 @@ def reanalyze(analyzer, dataset, path):
         LAYERS,
         path,
         dataset_description=STORE_DESCRIPTION,
-        chunk=10,
         progress=False,
+        options=StoreOptions(chunk=10),
     )
 
 

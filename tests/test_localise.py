@@ -9,29 +9,20 @@ import torch
 from conftest import STORE_DESCRIPTION
 
 import crp_toolkit as ct
+from crp_toolkit.atlas.views import ViewOptions, crop_window
 from crp_toolkit.data.training import load_world_model
+from crp_toolkit.engine.receptive_field import receptive_field
 from crp_toolkit.mining import reference_samples
-from crp_toolkit.mining.localise import (
-    ViewOptions,
-    crop_window,
-    localise_references,
-    receptive_field,
-)
+from crp_toolkit.mining.localise import localise_references
+from crp_toolkit.store import Study
 
 CONCEPTS = [0, 5, 11]
 
 
 def localise(analyzer, dataset, store, mode="relevance", **options):
     table = reference_samples(store, "conv2", mode=mode, k=3)
-    return localise_references(
-        analyzer,
-        dataset,
-        store,
-        table,
-        dataset_description=STORE_DESCRIPTION,
-        concepts=CONCEPTS,
-        **options,
-    )
+    study = Study(store, analyzer, dataset, STORE_DESCRIPTION)
+    return localise_references(study, table, concepts=CONCEPTS, **options)
 
 
 @pytest.mark.parametrize("mode", ["relevance", "activation"])
@@ -144,18 +135,14 @@ def test_a_model_or_dataset_other_than_the_stores_is_refused(fashion_model, data
     with pytest.raises(ct.store.StoreMismatchError, match="model"):
         localise(uncanonized, dataset, store)
     analyzer = ct.LRP(ct.canonize(fashion_model), ct.composites.EpsilonPlus())
-    table = reference_samples(store, "conv2", k=3)
     with pytest.raises(ct.store.StoreMismatchError, match="dataset"):
-        localise_references(analyzer, dataset, store, table, dataset_description="other")
+        Study(store, analyzer, dataset, "other")
 
 
 def test_bad_selection_is_refused(analyzer, dataset, store):
     table = reference_samples(store, "conv2", k=3)
+    study = Study(store, analyzer, dataset, STORE_DESCRIPTION)
     with pytest.raises(ValueError, match="0..15"):
-        localise_references(
-            analyzer, dataset, store, table, dataset_description=STORE_DESCRIPTION, concepts=[16]
-        )
+        localise_references(study, table, concepts=[16])
     with pytest.raises(ValueError, match="k must be between 1 and"):
-        localise_references(
-            analyzer, dataset, store, table, dataset_description=STORE_DESCRIPTION, k=4
-        )
+        localise_references(study, table, k=4)

@@ -19,14 +19,22 @@ from crp_toolkit.mining.statistics import (
     top_classes,
     top_concepts,
 )
-from crp_toolkit.store.zarr_store import Layout, Store, create_or_resume, write_chunk
+from crp_toolkit.store.zarr_store import (
+    Layout,
+    Store,
+    StoreOptions,
+    create_or_resume,
+    write_chunk,
+)
 
 
 def write_store(path, relevance, labels, valid, chunk, classes) -> Store:
     """A store written with the store's own writer from a given relevance matrix (activations
     set equal to it)."""
     n, concepts = relevance.shape
-    layout = Layout(n, chunk, classes, {"feat": (concepts,)})
+    layout = Layout(
+        n, classes, {"feat": (concepts,)}, StoreOptions(chunk, tables_k=0, class_tables_k=0)
+    )
     group = create_or_resume(path, layout, {"model": "synthetic"})
     for i in range(layout.n_chunks):
         rows = slice(layout.rows(i).start, layout.rows(i).stop)

@@ -23,6 +23,7 @@ import crp_toolkit as ct
 from crp_toolkit.data.training import load_world_model
 from crp_toolkit.data.world import ConceptWorld
 from crp_toolkit.store.analysis import analyze_dataset
+from crp_toolkit.store.zarr_store import StoreOptions
 
 README = ROOT / "README.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.M | re.S)
@@ -80,8 +81,8 @@ def given(tmp_path_factory) -> dict:
         ["features.12"],
         path,
         dataset_description=description,
-        chunk=40,
         progress=False,
+        options=StoreOptions(chunk=40),
     )
     store = ct.store.open(path)
     return {"store": store, "analyzer": analyzer, "dataset": dataset, "description": description}

@@ -22,7 +22,7 @@ from crp_toolkit.data.loading import grouped
 from crp_toolkit.mining import reference_samples
 from crp_toolkit.store import analysis
 from crp_toolkit.store.analysis import analyze_dataset
-from crp_toolkit.store.zarr_store import StoreMismatchError
+from crp_toolkit.store.zarr_store import StoreMismatchError, StoreOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,8 +40,8 @@ def test_store_holds_what_direct_computation_gives(analyzer, fashion_data, tmp_p
         ["conv2", "linear1"],
         tmp_path / "s.zarr",
         dataset_description="fashion-64",
-        chunk=16,
         progress=False,
+        options=StoreOptions(chunk=16),
     ).path
     store = ct.store.open(path)
     assert store.complete and store.layers == ["conv2", "linear1"]
@@ -80,15 +80,24 @@ def test_a_store_from_another_composite_is_refused_untouched(analyzer, fashion_d
         ["conv2"],
         tmp_path / "s.zarr",
         dataset_description="d",
-        chunk=16,
         progress=False,
+        options=StoreOptions(chunk=16),
     ).path
     before = _digest(path)
     other = ct.LRP(analyzer.model, ct.composites.EpsilonPlusFlat())
     with pytest.raises(StoreMismatchError, match="nothing was changed"):
-        analyze_dataset(other, data, ["conv2"], path, dataset_description="d", chunk=16)
+        analyze_dataset(
+            other, data, ["conv2"], path, dataset_description="d", options=StoreOptions(chunk=16)
+        )
     with pytest.raises(StoreMismatchError):
-        analyze_dataset(analyzer, data, ["conv2"], path, dataset_description="other", chunk=16)
+        analyze_dataset(
+            analyzer,
+            data,
+            ["conv2"],
+            path,
+            dataset_description="other",
+            options=StoreOptions(chunk=16),
+        )
     assert _digest(path) == before
 
 
@@ -241,8 +250,8 @@ def test_reference_samples_match_zennit_crp_feature_visualization(fashion_model,
         ["conv2"],
         tmp_path / "s.zarr",
         dataset_description="fashion-512",
-        chunk=128,
         progress=False,
+        options=StoreOptions(chunk=128),
     ).path
     zennit = CondAttribution(ZennitFashion(copy.deepcopy(model)))
     fv = FeatureVisualization(
@@ -262,9 +271,8 @@ def test_relevance_maps_sum_to_the_concept_relevance(analyzer, fashion_data, tmp
         ["conv2", "linear1"],
         tmp_path / "m.zarr",
         dataset_description="maps",
-        chunk=16,
         progress=False,
-        maps=True,
+        options=StoreOptions(chunk=16, maps=True),
     ).path
     store = ct.store.open(path)
     maps = store.layer("conv2", "maps")
@@ -285,8 +293,8 @@ def test_relevance_maps_sum_to_the_concept_relevance(analyzer, fashion_data, tmp
             ["conv2", "linear1"],
             path,
             dataset_description="maps",
-            chunk=16,
             progress=False,
+            options=StoreOptions(chunk=16),
         )
 
 
@@ -299,9 +307,9 @@ def test_a_chunk_explained_in_smaller_batches_gives_the_same_store(analyzer, dat
             ["conv2", "linear1"],
             path,
             dataset_description="batches",
-            chunk=32,
             progress=False,
             loader_options=options,
+            options=StoreOptions(chunk=32),
         )
         return zarr.open_group(path, mode="r")
 
@@ -347,7 +355,11 @@ def test_a_failed_write_stops_the_run_and_keeps_the_chunks_written(
         real(group, layout, chunk, arrays)
 
     monkeypatch.setattr(analysis, "write_chunk", failing)
-    options = {"dataset_description": "writes", "chunk": 16, "progress": False}
+    options = {
+        "dataset_description": "writes",
+        "options": StoreOptions(chunk=16),
+        "progress": False,
+    }
     with pytest.raises(OSError, match="disk full"):
         analyze_dataset(analyzer, dataset, ["conv2"], tmp_path / "s.zarr", **options)
     done = zarr.open_group(tmp_path / "s.zarr", mode="r")["progress/done"][:]

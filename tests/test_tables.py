@@ -4,6 +4,8 @@ the matrices, heatmaps equal direct CondAttribution calls."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +24,13 @@ from crp_toolkit.store.tables import (
     scores,
     table_name,
 )
-from crp_toolkit.store.zarr_store import Layout, StoreMismatchError, create_or_resume, write_chunk
+from crp_toolkit.store.zarr_store import (
+    Layout,
+    StoreMismatchError,
+    StoreOptions,
+    create_or_resume,
+    write_chunk,
+)
 
 K, K_CLASS, BROKEN, LAYERS = 12, 3, {3, 40}, ["conv2", "linear1"]
 KINDS = ("samples", "scores")
@@ -33,7 +41,7 @@ def analyzer(fashion_model):
     return ct.LRP(ct.canonize(fashion_model), ct.composites.EpsilonPlus())
 
 
-def _analyze(analyzer, data, path, **options):
+def _analyze(analyzer, data, path, **options) -> Path:
     return analyze_dataset(
         analyzer, data, LAYERS, path, dataset_description="tables", progress=False, **options
     ).path
@@ -46,8 +54,15 @@ def stores(analyzer, fashion_data, tmp_path_factory):
     x, y = fashion_data
     data = Images(x, y, broken=BROKEN)
     tmp = tmp_path_factory.mktemp("tables")
-    with_tables = _analyze(analyzer, data, tmp / "t.zarr", chunk=10, k=K, k_class=K_CLASS)
-    without = _analyze(analyzer, data, tmp / "m.zarr", chunk=10, k=0, k_class=0)
+    with_tables = _analyze(
+        analyzer,
+        data,
+        tmp / "t.zarr",
+        options=StoreOptions(chunk=10, tables_k=K, class_tables_k=K_CLASS),
+    )
+    without = _analyze(
+        analyzer, data, tmp / "m.zarr", options=StoreOptions(chunk=10, tables_k=0, class_tables_k=0)
+    )
     return ct.store.open(with_tables), ct.store.open(without)
 
 
@@ -146,7 +161,7 @@ def test_merge_of_tied_chunks_equals_a_stable_sort(n_classes, tmp_path, monkeypa
     stable sort of the whole matrix bit for bit, signed zeros included."""
     monkeypatch.setattr(tables, "MERGE_BUDGET", 1)
     rng = np.random.default_rng(n_classes)
-    layout = Layout(61, 8, n_classes, {"l": (5,)}, k=6, k_class=3)
+    layout = Layout(61, n_classes, {"l": (5,)}, StoreOptions(chunk=8, tables_k=6, class_tables_k=3))
     stats = tied_statistics(rng, 61, 5)
     labels = rng.integers(0, n_classes, 61)
     valid = rng.random(61) < 0.8
@@ -186,19 +201,32 @@ def test_tables_off_and_merge_rules(stores, analyzer, fashion_data, tmp_path):
     x, y = fashion_data
     data = Images(x[:20], y[:20])
     with pytest.raises(StoreMismatchError):  # table sizes are part of the store's shape
-        _analyze(analyzer, Images(x, y, broken=BROKEN), with_tables.path, chunk=10, k=K + 1)
-    partial = _analyze(analyzer, data, tmp_path / "p.zarr", chunk=10, shards=2, k=4, k_class=2)
+        _analyze(
+            analyzer,
+            Images(x, y, broken=BROKEN),
+            with_tables.path,
+            options=StoreOptions(chunk=10, tables_k=K + 1),
+        )
+    partial = _analyze(
+        analyzer,
+        data,
+        tmp_path / "p.zarr",
+        shards=2,
+        options=StoreOptions(chunk=10, tables_k=4, class_tables_k=2),
+    )
     assert not ct.store.open(partial).complete
     with pytest.raises(ValueError, match="not complete"):
         merge_tables(partial)
     with pytest.raises(ValueError, match="at least 0"):
-        _analyze(analyzer, data, tmp_path / "bad.zarr", k=-1)
+        _analyze(analyzer, data, tmp_path / "bad.zarr", options=StoreOptions(tables_k=-1))
 
 
 def test_top_logits_replace_the_logits(analyzer, fashion_data, tmp_path):
     x, y = fashion_data
     data = Images(x[:24], y[:24], broken={5})
-    store = ct.store.open(_analyze(analyzer, data, tmp_path / "l.zarr", chunk=16, logits_k=3))
+    store = ct.store.open(
+        _analyze(analyzer, data, tmp_path / "l.zarr", options=StoreOptions(chunk=16, logits_k=3))
+    )
     assert "samples/logits" not in store.group and store.classes == 10
     keep = np.flatnonzero(store.samples("valid")[:])
     logits = analyzer.forward(x[keep]).output
@@ -206,7 +234,9 @@ def test_top_logits_replace_the_logits(analyzer, fashion_data, tmp_path):
     np.testing.assert_array_equal(store.samples("top_classes")[:][keep], best.indices[:, :3])
     np.testing.assert_allclose(store.samples("top_logits")[:][keep], best.values[:, :3], rtol=1e-6)
     assert store.samples("top_logits").metadata.dimension_names == ("sample", "rank")
-    full = ct.store.open(_analyze(analyzer, data, tmp_path / "f.zarr", chunk=16, logits_k=10))
+    full = ct.store.open(
+        _analyze(analyzer, data, tmp_path / "f.zarr", options=StoreOptions(chunk=16, logits_k=10))
+    )
     assert full.samples("logits").shape == (24, 10)  # not more classes than logits_k: all kept
 
 
@@ -215,7 +245,11 @@ def test_top_heatmaps_equal_cond_attribution(analyzer, fashion_data, tmp_path, e
     x, y = fashion_data
     data = Images(x[:12], y[:12], broken={4})
     path = _analyze(
-        analyzer, data, tmp_path / "h.zarr", chunk=8, top_heatmaps=3, explain=explain, k=0
+        analyzer,
+        data,
+        tmp_path / "h.zarr",
+        explain=explain,
+        options=StoreOptions(chunk=8, top_heatmaps=3, tables_k=0),
     )
     store = ct.store.open(path)
     attr = ct.CondAttribution(analyzer)

@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 import crp_toolkit as ct
+from crp_toolkit.app.context import Loaded, class_names, open_study
 from crp_toolkit.app.mine import MinedLayer, dataset_relevance, mine_layer
-from crp_toolkit.app.stages import Loaded, class_names, load, open_store
 from crp_toolkit.atlas.figures import (
     FigureStyle,
     concept_atlas_figure,
@@ -46,7 +46,7 @@ from crp_toolkit.mining.statistics import (
     top_classes,
     top_concepts,
 )
-from crp_toolkit.store.zarr_store import Store
+from crp_toolkit.store.study import Study
 
 log = logging.getLogger("crp_toolkit")
 FIGURE_KEYS = ("width", "dpi", "font_size", "cmap", "palette", "formats")
@@ -55,22 +55,22 @@ FIGURE_KEYS = ("width", "dpi", "font_size", "cmap", "palette", "formats")
 def atlas(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     """Figures of the chosen inputs, of every layer and of its most relevant concepts, and the
     HTML atlas linking them; bars of the figures done on stderr."""
-    loaded, store = loaded or load(cfg), open_store(cfg, out)
-    style = figure_style(cfg)
+    study = open_study(cfg, out, loaded)
+    store, style = study.store, figure_style(cfg)
     folder = out / "figures"
     folder.mkdir(parents=True, exist_ok=True)
-    names = class_names(loaded.dataset, store.classes)
+    names = class_names(study.dataset, store.classes)
     content = SiteContent(title="crp_toolkit concept atlas", concepts=[])
     for layer in store.layers:
-        mined = mine_layer(cfg.mining, loaded, store, layer, reuse=True, progress=True)
-        part = layer_pages(mined, store, loaded, names, folder, style)
+        mined = mine_layer(cfg.mining, study, layer, reuse=True, progress=True)
+        part = layer_pages(mined, study, cfg.mining.seed, names, folder, style)
         content = SiteContent(
             content.title,
             [*content.concepts, *part.concepts],
             _merge_classes(content.classes, part.classes),
             [*content.prototypes, *part.prototypes],
         )
-    input_figures(cfg, loaded, store, folder, style)
+    input_figures(cfg, study, folder, style)
     log.info("figures in %s", folder)
     if cfg.atlas.html:
         index = write_site(content, out / "atlas")
@@ -84,8 +84,8 @@ def figure_style(cfg: DictConfig) -> FigureStyle:
 
 def layer_pages(
     mined: MinedLayer,
-    store: Store,
-    loaded: Loaded,
+    study: Study,
+    seed: int,
     names: list[str],
     folder: Path,
     style: FigureStyle,
@@ -105,7 +105,7 @@ def layer_pages(
         stats.relevance[:, shown], names, [str(c) for c in shown], title=layer, style=style
     )
     importance = save_figure(fig, f"{stem}_classes", style)[0]
-    curves = read_ablation(store, layer)
+    curves = read_ablation(study, layer, seed)
     if curves is not None:
         lines = [
             AblationCurve(o, curves.removed, curves.mean[i]) for i, o in enumerate(curves.orderings)
@@ -114,7 +114,7 @@ def layer_pages(
         save_figure(fig, f"{stem}_ablation", style)
     relevance = dataset_relevance(stats)
     concepts = [
-        concept_entry(mined, c, float(relevance[c]), loaded, names, folder, style)
+        concept_entry(mined, c, float(relevance[c]), study, names, folder, style)
         for c in tqdm(chosen, desc=f"concept sheets {layer}", unit="concept")
     ]
     classes = [
@@ -129,7 +129,7 @@ def layer_pages(
         )
         for y in range(len(names))
     ]
-    prototypes = prototype_pages(mined, loaded, names, folder, style)
+    prototypes = prototype_pages(mined, study, names, folder, style)
     return SiteContent("", concepts, classes, prototypes)
 
 
@@ -137,7 +137,7 @@ def concept_entry(
     mined: MinedLayer,
     concept: int,
     relevance: float,
-    loaded: Loaded,
+    study: Study,
     names: list[str],
     folder: Path,
     style: FigureStyle,
@@ -150,9 +150,9 @@ def concept_entry(
         for y in top_classes(mined.stats, concept, 3)
     ]
     best = int(mined.relmax.samples[0, j])
-    x = gather(loaded.dataset, [best]).images
+    x = gather(study.dataset, [best]).images
     graph = ct.attribution_graph(
-        loaded.analyzer, x, layer, concept, target=int(mined.relmax.classes[0, j])
+        study.analyzer, x, layer, concept, target=int(mined.relmax.classes[0, j])
     )
     relmax, actmax = list(mined.relmax.crops[:, j]), list(mined.actmax.crops[:, j])
     sheet = ConceptSheet(f"{layer}:{concept}", relmax, actmax, used, graph)
@@ -165,7 +165,7 @@ def concept_entry(
 
 
 def prototype_pages(
-    mined: MinedLayer, loaded: Loaded, names: list[str], folder: Path, style: FigureStyle
+    mined: MinedLayer, study: Study, names: list[str], folder: Path, style: FigureStyle
 ) -> list[PrototypeEntry]:
     """Per class, a figure of its prototypes (nearest samples, mean concept profile), and an
     atlas entry per prototype."""
@@ -175,7 +175,7 @@ def prototype_pages(
         if not found:
             continue
         images = {
-            p: list(gather(loaded.dataset, [int(i) for i in protos.nearest[y, p] if i >= 0]).images)
+            p: list(gather(study.dataset, [int(i) for i in protos.nearest[y, p] if i >= 0]).images)
             for p in found
         }
         views = [
@@ -197,15 +197,14 @@ def prototype_pages(
     return entries
 
 
-def input_figures(
-    cfg: DictConfig, loaded: Loaded, store: Store, folder: Path, style: FigureStyle
-) -> None:
+def input_figures(cfg: DictConfig, study: Study, folder: Path, style: FigureStyle) -> None:
     """For each of ``atlas.inputs``: its glocal explanation and its concept atlas at the first
     layer, with localised references of its top concepts."""
-    batch = gather(loaded.dataset, list(cfg.atlas.inputs))
+    batch = gather(study.dataset, list(cfg.atlas.inputs))
     if not batch.indices:
         return
-    layer, analyzer = store.layers[0], loaded.analyzer
+    store, analyzer = study.store, study.analyzer
+    layer = store.layers[0]
     x = batch.images.to(cfg.device)
     expl = ct.analyze(x, analyzer)
     concepts = ct.CRP(analyzer, layer, ct.TopNFeatures(cfg.atlas.concepts))(x, expl.target)
@@ -217,15 +216,7 @@ def input_figures(
         normalised=cfg.mining.normalised,
     )
     ids = sorted({int(c) for c in concepts.features.flatten()})
-    refs = localise_references(
-        analyzer,
-        loaded.dataset,
-        store,
-        table,
-        dataset_description=loaded.description,
-        concepts=ids,
-        progress=True,
-    )
+    refs = localise_references(study, table, concepts=ids, progress=True)
     crops = {c: list(refs.crops[:, j]) for j, c in enumerate(ids)}
     for i, index in enumerate(tqdm(batch.indices, desc="input figures", unit="input")):
         panels = concept_panels(concepts, i, layer, crops)

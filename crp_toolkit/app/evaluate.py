@@ -11,8 +11,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from crp_toolkit.app.atlas import figure_style
+from crp_toolkit.app.context import Loaded, class_names, open_study
 from crp_toolkit.app.mine import mine_layer
-from crp_toolkit.app.stages import Loaded, class_names, load, open_store
 from crp_toolkit.atlas.figures import FigureStyle, save_figure
 from crp_toolkit.atlas.sheets import grouped_bars_figure
 from crp_toolkit.mining.discovery import DiscoveryScores, score_discovery
@@ -22,20 +22,18 @@ log = logging.getLogger("crp_toolkit")
 
 def evaluate(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     """Score each layer's discoveries against the ground truth; write table and figures."""
-    loaded, store = loaded or load(cfg), open_store(cfg, out)
+    study = open_study(cfg, out, loaded)
+    store = study.store
     folder = out / "evaluate"
     folder.mkdir(parents=True, exist_ok=True)
-    names = class_names(loaded.dataset, store.classes)
+    names = class_names(study.dataset, store.classes)
     style = figure_style(cfg)
     report, tables = {}, []
     for layer in store.layers:
-        stats = mine_layer(cfg.mining, loaded, store, layer, reuse=True).stats
+        stats = mine_layer(cfg.mining, study, layer, reuse=True).stats
         scores = score_discovery(
-            loaded.analyzer,
-            loaded.dataset,
-            store,
+            study,
             stats,
-            dataset_description=loaded.description,
             top=cfg.evaluate.top,
             k=cfg.evaluate.k,
             watermark_top=cfg.evaluate.watermark_top,

@@ -12,7 +12,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from crp_toolkit.app.stages import Loaded, load, open_store
+from crp_toolkit.app.context import Loaded, open_study
 from crp_toolkit.mining.ablation import ablation_curves
 from crp_toolkit.mining.localise import LocalisedReferences, localise_references
 from crp_toolkit.mining.prototypes import Prototypes, fit_prototypes
@@ -24,7 +24,7 @@ from crp_toolkit.mining.statistics import (
     load_result,
     save_result,
 )
-from crp_toolkit.store.zarr_store import Store
+from crp_toolkit.store.study import Study
 
 log = logging.getLogger("crp_toolkit")
 
@@ -49,18 +49,15 @@ class MinedLayer:
 def mine(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     """Every mining result of every layer, and ablation curves, kept in the store; a bar of
     the layers done (and of the long steps of each) on stderr."""
-    loaded, store = loaded or load(cfg), open_store(cfg, out)
-    m, summary = cfg.mining, {}
+    study = open_study(cfg, out, loaded)
+    store, m, summary = study.store, cfg.mining, {}
     layers = tqdm(store.layers, desc="mine", unit="layer")
     for layer in layers:
         layers.set_postfix_str(layer)
-        mined = mine_layer(m, loaded, store, layer, reuse=False, progress=True)
+        mined = mine_layer(m, study, layer, reuse=False, progress=True)
         curves = ablation_curves(
-            loaded.analyzer,
-            loaded.dataset,
-            store,
+            study,
             layer,
-            dataset_description=loaded.description,
             samples=m.ablation_samples,
             steps=m.ablation_steps,
             seed=m.seed,
@@ -78,18 +75,18 @@ def mine(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
 
 
 def mine_layer(
-    m: DictConfig, loaded: Loaded, store: Store, layer: str, *, reuse: bool, progress: bool = False
+    m: DictConfig, study: Study, layer: str, *, reuse: bool, progress: bool = False
 ) -> MinedLayer:
     """A layer's mining results by the ``mining`` config, kept in the store. With ``reuse``,
-    results the store already holds for the same settings are read back instead. With
-    ``progress``, bars of the references localised (when not cached) on stderr."""
-    scoring = {"target": m.target, "normalised": m.normalised}
+    results the store already holds for the same settings (their key) are read back instead.
+    With ``progress``, bars of the references localised (when not cached) on stderr."""
+    store, scoring = study.store, {"target": m.target, "normalised": m.normalised}
 
     def kept(kind, name: str, compute, **settings):
-        found = load_result(store, kind, name) if reuse else None
-        if found is None or any(getattr(found, k) != v for k, v in settings.items()):
+        found = load_result(store, kind, name, settings) if reuse else None
+        if found is None:
             found = compute()
-            save_result(store, found)
+            save_result(store, found, settings)
         return found
 
     stats = kept(
@@ -104,23 +101,21 @@ def mine_layer(
         ConceptSimilarity,
         f"similarity/{layer}/relevance",
         lambda: concept_similarity(store, layer, n_clusters=clusters, **scoring),
+        n_clusters=clusters,
         **scoring,
     )
+    fitting = {"n_prototypes": m.prototypes, "normalised": m.normalised, "seed": m.seed}
     prototypes = kept(
         Prototypes,
         f"prototypes/{layer}",
-        lambda: fit_prototypes(
-            store, layer, n_prototypes=m.prototypes, normalised=m.normalised, seed=m.seed
-        ),
+        lambda: fit_prototypes(store, layer, **fitting),
+        **fitting,
     )
     concepts = most_relevant(stats, m.concepts)
     refs = [
         localise_references(  # cached in the store by everything that fixes them
-            loaded.analyzer,
-            loaded.dataset,
-            store,
+            study,
             reference_samples(store, layer, mode=mode, k=m.k, **scoring),
-            dataset_description=loaded.description,
             concepts=concepts,
             progress=progress,
         )

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from crp_toolkit.store.zarr_store import StoreOptions
 
 # `run` runs the others in this order (evaluate only on data with ground truth)
 PIPELINE = ("explain", "analyze", "mine", "atlas", "evaluate")
@@ -43,17 +45,15 @@ class ExplainConfig:
     top_concepts: int = 4
 
 
-@dataclass
-class StoreConfig:
-    """Where the dataset store lives and what it holds (see crp_toolkit/store/zarr_store.py)."""
-
-    path: str | None = None  # null: store.zarr in the run's folder (analyze and run only)
-    chunk: int = 256
-    maps: bool = False  # relevance maps at each layer's resolution (float16)
-    tables_k: int = 32  # streaming top-k reference tables per concept (0: none)
-    class_tables_k: int = 8  # the same per class
-    logits_k: int = 0  # keep only the top-k logits per sample (0: all)
-    top_heatmaps: int = 0  # input-space heatmaps of each sample's top concepts (0: none)
+# where the dataset store lives (null: store.zarr in the run's folder; analyze and run only),
+# and what it holds: the fields of StoreOptions, the writer's own, under the same names
+StoreConfig = make_dataclass(
+    "StoreConfig",
+    [
+        ("path", str | None, None),
+        *((f.name, get_type_hints(StoreOptions)[f.name], f.default) for f in fields(StoreOptions)),
+    ],
+)
 
 
 @dataclass
@@ -149,7 +149,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def _store_path_problems(cfg: DictConfig) -> list[str]:
-    from crp_toolkit.store.zarr_store import store_path_problem  # torch and zarr: only now
+    from crp_toolkit.store.zarr_store import store_path_problem
 
     problem = cfg.store.path and store_path_problem(cfg.store.path)
     return [f"store.path={cfg.store.path}: {problem}"] if problem else []

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -177,6 +178,20 @@ def gather(dataset: Dataset, indices: Sequence[int], **loader_options) -> Batch:
     return Batch(images, labels, [i for b in kept for i in b.indices], skipped)
 
 
+def read_samples(dataset, ids: np.ndarray) -> Tensor:
+    """The images of samples ``ids`` (repeats allowed), in that order; refused when one of
+    them cannot be read."""
+    batch = gather(dataset, np.unique(ids).tolist())
+    missing = sorted(set(ids.tolist()) - set(batch.indices))
+    if missing:
+        raise ValueError(
+            f"samples {missing[:10]} cannot be read from the dataset ({batch.skipped[:1]}); "
+            "is it the dataset the store was made from?"
+        )
+    row = {s: i for i, s in enumerate(batch.indices)}
+    return batch.images[[row[int(s)] for s in ids]]
+
+
 __all__ = [
     "BadLabelError",
     "Batch",
@@ -186,4 +201,5 @@ __all__ = [
     "first_readable",
     "gather",
     "grouped",
+    "read_samples",
 ]

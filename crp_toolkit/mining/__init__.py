@@ -1,15 +1,11 @@
 """Mining the dataset store: reference samples (RelMax/ActMax, localised), class statistics,
 PCX prototypes, concept similarity, ablation curves and scored discovery."""
 
+from crp_toolkit.atlas.views import ViewOptions
+from crp_toolkit.engine.receptive_field import ReceptiveField, receptive_field
 from crp_toolkit.mining.ablation import AblationCurves, ablation_curves, read_ablation
 from crp_toolkit.mining.discovery import DiscoveryScores, score_discovery
-from crp_toolkit.mining.localise import (
-    LocalisedReferences,
-    ReceptiveField,
-    ViewOptions,
-    localise_references,
-    receptive_field,
-)
+from crp_toolkit.mining.localise import LocalisedReferences, localise_references
 from crp_toolkit.mining.prototypes import Prototypes, fit_prototypes
 from crp_toolkit.mining.references import (
     ClassReferenceTable,

@@ -21,8 +21,8 @@ from tqdm import tqdm
 from crp_toolkit.concepts.concepts import ChannelConcept
 from crp_toolkit.engine.explanation import explain
 from crp_toolkit.engine.lrp import LRP
-from crp_toolkit.mining.localise import analysis_key, check_provenance, read_samples
 from crp_toolkit.store.results import read_result, write_result
+from crp_toolkit.store.study import Study
 from crp_toolkit.store.zarr_store import Store
 
 ORDERINGS = ("relevance", "activation", "random")
@@ -145,12 +145,9 @@ class _Masked(fx.Interpreter):
 
 
 def ablation_curves(
-    analyzer: LRP,
-    dataset,
-    store: Store,
+    study: Study,
     layer: str,
     *,
-    dataset_description: str,
     samples: int | Sequence[int] = 64,
     seed: int = 0,
     steps: int | None = None,
@@ -164,12 +161,12 @@ def ablation_curves(
     ``batch_size`` rows go through each forward (and samples through each relevance pass). With
     ``write``, the result is kept in the store as ``derived/ablation/<layer>``. With
     ``progress``, a bar of the masked forward rows done on stderr."""
-    provenance = check_provenance(analyzer, dataset, store, dataset_description)
-    ids = _samples(store, samples)
-    images = read_samples(dataset, ids)
+    analyzer = study.analyzer
+    ids = _samples(study.store, samples)
+    images = study.images(ids)
     like = next(analyzer.model.parameters(), images)
     x = images.to(device=like.device, dtype=like.dtype)
-    classes = torch.from_numpy(store.samples(provenance["explain"]).vindex[ids]).to(x.device)
+    classes = torch.from_numpy(study.classes(ids)).to(x.device)
     orders = concept_orders(analyzer, x, classes, layer, seed, batch_size)
     concepts = orders["relevance"].shape[1]
     removed = _steps(concepts, steps)
@@ -182,7 +179,7 @@ def ablation_curves(
                 for o in orders.values()
             ]
         )
-    key = {**analysis_key(analyzer, provenance), "layer": layer, "seed": seed}
+    key = ablation_key(study, layer, seed)
     curves = AblationCurves(
         layer,
         tuple(orders),
@@ -195,22 +192,30 @@ def ablation_curves(
     )
     if write:
         write_result(
-            store.path,
+            study.store.path,
             f"ablation/{layer}",
             {name: getattr(curves, name) for name in _ARRAYS},
             dims=_ARRAYS,
-            attrs={"key": key, "layer": layer, "orderings": list(curves.orderings)},
+            attrs={"layer": layer, "orderings": list(curves.orderings)},
+            key=key,
         )
     return curves
 
 
-def read_ablation(store: Store, layer: str) -> AblationCurves | None:
-    """The ablation curves of ``layer`` kept in the store, or None."""
-    found = read_result(store.path, f"ablation/{layer}")
+def ablation_key(study: Study, layer: str, seed: int = 0) -> dict:
+    """What fixes the ablation curves of ``layer``."""
+    return {**study.key, "layer": layer, "seed": seed}
+
+
+def read_ablation(study: Study, layer: str, seed: int = 0) -> AblationCurves | None:
+    """The ablation curves of ``layer`` kept in the store, or None (also when they were made
+    with another analyzer, dataset or seed)."""
+    key = ablation_key(study, layer, seed)
+    found = read_result(study.store.path, f"ablation/{layer}", key)
     if found is None:
         return None
     arrays = {name: found.arrays[name] for name in _ARRAYS}
-    return AblationCurves(layer, tuple(found.attrs["orderings"]), **arrays, key=found.attrs["key"])
+    return AblationCurves(layer, tuple(found.attrs["orderings"]), **arrays, key=key)
 
 
 _ARRAYS = {

@@ -22,11 +22,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.mining.localise import LocalisedReferences, localise_references
 from crp_toolkit.mining.references import MODES, reference_samples
 from crp_toolkit.mining.statistics import ClassStatistics, top_concepts
-from crp_toolkit.store.zarr_store import Store
+from crp_toolkit.store.study import Study
 
 
 @dataclass(frozen=True)
@@ -163,12 +162,9 @@ def ground_truth(dataset: Dataset, samples: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def score_discovery(
-    analyzer: LRP,
-    dataset: Dataset,
-    store: Store,
+    study: Study,
     stats: ClassStatistics,
     *,
-    dataset_description: str,
     top: int = 3,
     k: int = 8,
     watermark_top: int = 16,
@@ -176,6 +172,7 @@ def score_discovery(
     """Score the ``top`` most relevant concepts of every class (by ``stats``, a layer's class
     statistics; ``watermark_top`` of the watermark's class) through their ``k`` RelMax and
     ActMax references, localised on the store's samples; see the module docstring."""
+    dataset = study.dataset
     if not has_ground_truth(dataset):
         raise ValueError(
             "scored discovery needs ground-truth concepts (a dataset with sample(i).masks, such "
@@ -190,16 +187,14 @@ def score_discovery(
     scores, matches_by_mode = [], {}
     for mode in MODES:
         table = reference_samples(
-            store, stats.layer, mode=mode, target=stats.target, normalised=stats.normalised, k=k
+            study.store,
+            stats.layer,
+            mode=mode,
+            target=stats.target,
+            normalised=stats.normalised,
+            k=k,
         )
-        found = localise_references(
-            analyzer,
-            dataset,
-            store,
-            table,
-            dataset_description=dataset_description,
-            concepts=chosen,
-        )
+        found = localise_references(study, table, concepts=chosen)
         matches = matches_by_mode[mode] = _match_all(found, dataset)
         for y, concepts in ranked.items():
             for rank, c in enumerate(concepts):

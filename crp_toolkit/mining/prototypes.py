@@ -18,7 +18,9 @@ from typing import ClassVar
 import numpy as np
 from sklearn.mixture import GaussianMixture
 
-from crp_toolkit.mining.statistics import ScoreChunk, by_class, score_chunks, sorted_by_label
+from crp_toolkit.mining.references import ScoreChunk, score_chunks
+from crp_toolkit.mining.statistics import by_class, sorted_by_label
+from crp_toolkit.store.tables import Spec
 from crp_toolkit.store.zarr_store import Store
 
 
@@ -93,7 +95,7 @@ def gather(store: Store, layer: str, chosen: np.ndarray, labels: np.ndarray, nor
     slot = np.zeros(len(chosen), np.int64)
     slot[ids] = np.arange(len(ids))
     scores = np.empty((len(ids), store.layer(layer).shape[1]))
-    for part in score_chunks(store, layer, normalised=normalised):
+    for part in score_chunks(store, layer, Spec("relevance", "sum", normalised)):
         keep = chosen[part.samples]
         scores[slot[part.samples[keep]]] = part.scores[keep]
     return ScoreChunk(ids, labels[ids], scores)
@@ -179,7 +181,10 @@ def fit_prototypes(
     if max_fit_samples is None:  # every sample was fitted on: score them from memory
         parts = [fitted]
     else:
-        parts = (sorted_by_label(p) for p in score_chunks(store, layer, normalised=normalised))
+        parts = (
+            sorted_by_label(p)
+            for p in score_chunks(store, layer, Spec("relevance", "sum", normalised))
+        )
     for part in parts:
         for cls, ids, X in by_class(part):
             out.add(int(cls), models[int(cls)], ids, X)

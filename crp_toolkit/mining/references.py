@@ -6,7 +6,7 @@ never count."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,9 +31,12 @@ __all__ = [
     "TARGETS",
     "ClassReferenceTable",
     "ReferenceTable",
+    "ScoreChunk",
     "class_references",
     "concept_scores",
+    "read_chunks",
     "reference_samples",
+    "score_chunks",
 ]
 
 
@@ -62,26 +65,51 @@ class ClassReferenceTable:
     scores: np.ndarray
 
 
-def concept_scores(store: Store, layer: str, rows: slice, mode: str, target: str, normalised: bool):
-    """The (rows x concepts) scores: relevance or activation, summed ("sum") or maximal ("max")
-    over space, optionally divided per sample by the sum of absolute scores (zennit-crp's
-    abs_norm); see ``crp_toolkit.store.tables.scores``."""
-    spec = Spec(mode, target, normalised)
+def concept_scores(store: Store, layer: str, rows: slice, spec: Spec) -> np.ndarray:
+    """The (rows x concepts) scores by ``spec``: relevance or activation, summed ("sum") or
+    maximal ("max") over space, optionally divided per sample by the sum of absolute scores
+    (zennit-crp's abs_norm); see ``crp_toolkit.store.tables.scores``."""
     positions = int(np.prod(store.attrs["layers"][layer][1:], dtype=np.int64))
     return scores(store.layer(layer, spec.stat)[rows], spec, positions)
+
+
+@dataclass(frozen=True)
+class ScoreChunk:
+    """Rows of one store chunk: sample ids, labels and (rows x concepts) scores."""
+
+    samples: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+
+
+def read_chunks(store: Store, layer: str, spec: Spec) -> Iterator[tuple[ScoreChunk, np.ndarray]]:
+    """The scores of ``layer`` by ``spec``, one store chunk at a time (memory bounded by the
+    chunk, each array read once), each with the mask of its readable samples: the one loop
+    over the store's chunks that mining does."""
+    n, chunk = store.attrs["n_samples"], store.attrs["chunk"]
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        part = ScoreChunk(
+            np.arange(rows.start, rows.stop),
+            store.samples("label")[rows],
+            concept_scores(store, layer, rows, spec),
+        )
+        yield part, store.samples("valid")[rows]
+
+
+def score_chunks(store: Store, layer: str, spec: Spec) -> Iterator[ScoreChunk]:
+    """``read_chunks`` with the unreadable samples dropped."""
+    for part, keep in read_chunks(store, layer, spec):
+        yield ScoreChunk(part.samples[keep], part.labels[keep], part.scores[keep])
 
 
 def _chunks(store: Store, layer: str, spec: Spec, wanted: np.ndarray | None = None):
     """Per store chunk: sample ids and their (rows x concepts) scores; ids are -1 for samples
     that do not count (unreadable, or labelled outside ``wanted`` when given)."""
-    n, chunk = store.attrs["n_samples"], store.attrs["chunk"]
-    for start in range(0, n, chunk):
-        rows = slice(start, min(start + chunk, n))
-        values = concept_scores(store, layer, rows, spec.mode, spec.target, spec.normalised)
-        keep = store.samples("valid")[rows]
+    for part, keep in read_chunks(store, layer, spec):
         if wanted is not None:
-            keep &= np.isin(store.samples("label")[rows], wanted)
-        yield np.where(keep, np.arange(rows.start, rows.stop), -1), values
+            keep = keep & np.isin(part.labels, wanted)
+        yield np.where(keep, part.samples, -1), part.scores
 
 
 def _fold_chunks(store: Store, layer: str, spec: Spec, reduce, wanted=None):

@@ -12,7 +12,8 @@ import numpy as np
 from sklearn.cluster import AgglomerativeClustering
 from sklearn.decomposition import KernelPCA
 
-from crp_toolkit.mining.statistics import score_chunks
+from crp_toolkit.mining.references import score_chunks
+from crp_toolkit.store.tables import Spec
 from crp_toolkit.store.zarr_store import Store
 
 
@@ -50,7 +51,7 @@ def gram(store: Store, layer: str, *, mode: str, target: str, normalised: bool) 
     """S^T S for the (samples x concepts) score matrix S, one chunk at a time."""
     concepts = store.layer(layer).shape[1]
     total = np.zeros((concepts, concepts))
-    for part in score_chunks(store, layer, mode=mode, target=target, normalised=normalised):
+    for part in score_chunks(store, layer, Spec(mode, target, normalised)):
         total += part.scores.T @ part.scores
     return total
 

@@ -1,51 +1,21 @@
 """Class statistics of a layer's concepts, mined out of core: which classes use a concept (the
 mean of each class's top-k scores) and which concepts a class relies on (its mean concept
-relevance). Also the chunk reader and the result writer the other mining modules share."""
+relevance). Also the chunk helpers and the result writer the other mining modules share."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import ClassVar, TypeVar
 
 import numpy as np
 
-from crp_toolkit.mining.references import class_references, concept_scores
+from crp_toolkit.mining.references import ScoreChunk, class_references, score_chunks
 from crp_toolkit.store.results import read_result, write_result
 from crp_toolkit.store.tables import Spec
 from crp_toolkit.store.zarr_store import Store
 
 R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class ScoreChunk:
-    """The readable rows of one store chunk: sample ids, labels and (rows x concepts) scores."""
-
-    samples: np.ndarray
-    labels: np.ndarray
-    scores: np.ndarray
-
-
-def score_chunks(
-    store: Store,
-    layer: str,
-    *,
-    mode: str = "relevance",
-    target: str = "sum",
-    normalised: bool = True,
-) -> Iterator[ScoreChunk]:
-    """The concept scores of ``layer`` (see ``concept_scores``), one store chunk at a time, with
-    unreadable samples dropped: memory is bounded by the chunk, and each array is read once."""
-    Spec(mode, target, normalised)  # refuses an unknown mode or target
-    n, chunk = store.attrs["n_samples"], store.attrs["chunk"]
-    for start in range(0, n, chunk):
-        rows = slice(start, min(start + chunk, n))
-        keep = store.samples("valid")[rows]
-        scores = concept_scores(store, layer, rows, mode, target, normalised)[keep]
-        yield ScoreChunk(
-            np.arange(rows.start, rows.stop)[keep], store.samples("label")[rows][keep], scores
-        )
 
 
 def sorted_by_label(part: ScoreChunk) -> ScoreChunk:
@@ -72,19 +42,20 @@ def class_sums(part: ScoreChunk, classes: int) -> np.ndarray:
 
 
 # -- results kept in the store -----------------------------------------------------------------
-def save_result(store: Store, result) -> str:
+def save_result(store: Store, result, key: Mapping | None = None) -> str:
     """Write a mining result (a dataclass with ``DIMS`` and ``name``) into the store under
-    ``derived/<result.name>``: its array fields with dimension names, the others as attributes.
-    Returns the name."""
+    ``derived/<result.name>``: its array fields with dimension names, the others as attributes,
+    and ``key`` (what made it). Returns the name."""
     arrays = {f.name: getattr(result, f.name) for f in fields(result) if f.name in result.DIMS}
     attrs = {f.name: getattr(result, f.name) for f in fields(result) if f.name not in result.DIMS}
-    write_result(store.path, result.name, arrays, dims=result.DIMS, attrs=attrs)
+    write_result(store.path, result.name, arrays, dims=result.DIMS, attrs=attrs, key=key)
     return result.name
 
 
-def load_result(store: Store, kind: type[R], name: str) -> R | None:
-    """The mining result ``name`` of type ``kind`` read back, or None if the store has none."""
-    found = read_result(store.path, name)
+def load_result(store: Store, kind: type[R], name: str, key: Mapping | None = None) -> R | None:
+    """The mining result ``name`` of type ``kind`` read back, or None if the store has none
+    (or, given ``key``, none made with that key)."""
+    found = read_result(store.path, name, key)
     if found is None:
         return None
     values = {**found.attrs, **found.arrays}
@@ -127,7 +98,7 @@ def class_relevance(store: Store, layer: str, *, normalised: bool = True):
     classes = store.classes
     sums = np.zeros((classes, store.layer(layer).shape[1]))
     counts = np.zeros(classes, np.int64)
-    for part in score_chunks(store, layer, normalised=normalised):
+    for part in score_chunks(store, layer, Spec("relevance", "sum", normalised)):
         sums += class_sums(part, classes)
         counts += np.bincount(part.labels, minlength=classes)
     return sums, counts

@@ -2,6 +2,7 @@
 
 from crp_toolkit.store.integrity import StoreDamagedError
 from crp_toolkit.store.results import Result, list_results, read_result, write_result
+from crp_toolkit.store.study import Study
 from crp_toolkit.store.verify import Verification, verify
 from crp_toolkit.store.zarr_store import Store, StoreMismatchError, open
 
@@ -10,6 +11,7 @@ __all__ = [
     "Store",
     "StoreDamagedError",
     "StoreMismatchError",
+    "Study",
     "Verification",
     "list_results",
     "open",

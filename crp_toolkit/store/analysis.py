@@ -5,9 +5,10 @@ into the dataset store (see ``zarr_store``). Resumable: finished chunks are skip
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,21 +18,20 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-import crp_toolkit
 from crp_toolkit.concepts.concepts import ChannelConcept
 from crp_toolkit.concepts.conditional import propagate_conditioned
-from crp_toolkit.data.loading import first_readable, grouped
+from crp_toolkit.data.loading import Batch, first_readable, grouped
 from crp_toolkit.engine.explanation import explain as explain_batch
 from crp_toolkit.engine.lrp import LRP
+from crp_toolkit.store.study import make_provenance
 from crp_toolkit.store.tables import SOURCES, chunk_tables, merge_when_complete
 from crp_toolkit.store.verify import damaged_units
 from crp_toolkit.store.zarr_store import (
     Layout,
     Store,
+    StoreOptions,
     create_or_resume,
-    dataset_fingerprint,
     done_chunks,
-    model_fingerprint,
     write_chunk,
 )
 
@@ -99,7 +99,7 @@ def analyze_batch(
     target = labels.to(x.device) if explain == "label" else None  # None: the prediction
     expl = explain_batch(analyzer, x, target, layer_relevances=layers, to_input=False)
     if layout.top_logits:
-        logits = top_logits(expl.output, layout.logits_k)
+        logits = top_logits(expl.output, layout.options.logits_k)
     else:
         logits = {"samples/logits": expl.output.float().cpu().numpy()}
     out = {
@@ -111,9 +111,9 @@ def analyze_batch(
     top: dict[str, Tensor] = {}
     for name in layers:
         relevance, activation = expl.layer_relevances[name], expl.layer_activations[name]
-        for stat, values in layer_statistics(relevance, activation, layout.maps).items():
+        for stat, values in layer_statistics(relevance, activation, layout.options.maps).items():
             out[f"layers/{name}/{stat}"] = values
-        if layout.top_heatmaps:
+        if layout.options.top_heatmaps:
             scores = ChannelConcept().relevance(relevance, activation)
             ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices
             top[name] = ranked[:, : layout.top_concepts(name)]
@@ -148,8 +148,8 @@ def layer_tables(layout: Layout, chunk: int, arrays: Mapping[str, np.ndarray]):
             arrays["samples/label"],
             arrays["samples/valid"],
             layout.rows(chunk).start,
-            k=layout.k,
-            k_class=layout.k_class,
+            k=layout.options.tables_k,
+            k_class=layout.options.class_tables_k,
             entries=layout.class_entries,
             n_classes=layout.classes,
         )
@@ -159,7 +159,7 @@ def layer_tables(layout: Layout, chunk: int, arrays: Mapping[str, np.ndarray]):
 
 def finish_chunk(group: zarr.Group, layout: Layout, chunk: int, arrays: dict) -> None:
     """Add the chunk's reference tables to its ``arrays`` and write it (marking it done)."""
-    if layout.k or layout.k_class:
+    if layout.options.tables:
         arrays.update(layer_tables(layout, chunk, arrays))
     write_chunk(group, layout, chunk, arrays)
 
@@ -192,47 +192,9 @@ def _damaged(path: Path, units: list[int], progress: bool) -> dict[int, list[str
     return found
 
 
-def analyze_dataset(
-    analyzer: LRP,
-    dataset: Dataset,
-    layers: Sequence[str],
-    path: str | Path,
-    *,
-    dataset_description: str,
-    chunk: int = 256,
-    explain: str = "label",
-    device: str = "cpu",
-    loader_options: dict | None = None,
-    config: dict | None = None,
-    progress: bool = True,
-    shard: int = 0,
-    shards: int = 1,
-    maps: bool = False,
-    k: int = 32,
-    k_class: int = 8,
-    logits_k: int = 0,
-    top_heatmaps: int = 0,
-    class_names: Sequence[str] = (),
-) -> AnalysisReport:
-    """Run the analysis pass into the store at ``path`` (created, or resumed). With
-    ``shards > 1`` this process does the chunks ``c`` with ``c % shards == shard``; shards may
-    run at the same time (each writes only its own chunks). A chunk is read whole (one loader
-    for all chunks, ``loader_options`` its settings) and explained ``loader_options["batch_size"]``
-    samples at a time (the whole chunk at once without it).
-
-    ``k`` / ``k_class``: sizes of the streaming reference tables (per concept, and per class
-    and concept; 0 disables), merged by whichever process finds the store complete.
-    ``logits_k``: with more classes than this, keep only each sample's top ``logits_k``
-    logits (0 keeps all). ``top_heatmaps``: store the input-space conditional heatmaps of each
-    sample's ``top_heatmaps`` most relevant concepts per layer (float16; 0: none).
-    ``class_names`` label the store's class coordinate.
-
-    Finished chunks of a resumed store are checked first (files present, checksums, digests)
-    and the damaged ones recomputed. Returns what was done (:class:`AnalysisReport`)."""
-    options = dict(loader_options or {})
-    batch_size = options.pop("batch_size", None)
-    batch_size = chunk if batch_size is None else batch_size  # None: the whole chunk at once
-    _positive(chunk=chunk, batch_size=batch_size, shards=shards)
+def _check_pass(dataset: Dataset, layers: Sequence[str], explain: str, shard, shards) -> None:
+    """Refuse a pass that cannot run, before the store exists."""
+    _positive(shards=shards)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: check its path (and analysis.limit)")
     if not 0 <= shard < shards:
@@ -241,30 +203,30 @@ def analyze_dataset(
         raise ValueError(f"explain must be 'label' or 'prediction', got {explain!r}")
     if not layers:
         raise ValueError("give at least one layer to analyse (concepts.layers)")
-    counts = {"k": k, "k_class": k_class, "logits_k": logits_k, "top_heatmaps": top_heatmaps}
-    negative = {key: value for key, value in counts.items() if value < 0}
-    if negative:
-        raise ValueError(f"{negative} must be at least 0 (0 disables the option)")
-    on_error = options.get("on_error", "skip")
-    if on_error not in ("skip", "fail"):
-        raise ValueError(f"loader.on_error must be 'skip' or 'fail', got {on_error!r}")
+
+
+def probe_layout(
+    analyzer: LRP,
+    dataset: Dataset,
+    layers: Sequence[str],
+    options: StoreOptions,
+    device: str,
+    class_names: Sequence[str] = (),
+) -> Layout:
+    """The store's layout, from one readable sample through the model."""
     probe_x = first_readable(dataset)
-    if top_heatmaps and probe_x.dim() < 2:
+    if options.top_heatmaps and probe_x.dim() < 2:
         raise ValueError(
             f"top_heatmaps needs inputs shaped (channels, *spatial), got samples of shape "
             f"{tuple(probe_x.shape)}; set top_heatmaps=0 for this dataset"
         )
-    probe = analyzer.forward(
-        torch.as_tensor(probe_x)[None].to(device), keep=[analyzer.graph.index(n) for n in layers]
-    )
-    shapes = {n: tuple(probe.value(analyzer.graph.index(n)).shape[1:]) for n in layers}
+    index = [analyzer.graph.index(n) for n in layers]
+    probe = analyzer.forward(torch.as_tensor(probe_x)[None].to(device), keep=index)
     layout = Layout(
         len(dataset),
-        chunk,
         probe.output.shape[1],
-        shapes,
-        maps,
-        **counts,
+        {n: tuple(probe.value(i).shape[1:]) for n, i in zip(layers, index, strict=True)},
+        options,
         input_shape=tuple(probe_x.shape[1:]),
         class_names=tuple(str(name) for name in class_names),
     )
@@ -272,15 +234,46 @@ def analyze_dataset(
         raise ValueError(
             f"{len(class_names)} class names for a model with {layout.classes} outputs"
         )
-    provenance = {
-        "model": model_fingerprint(analyzer.model),
-        "dataset": dataset_fingerprint(dataset, dataset_description),
-        "composite": repr(analyzer.composite),
-        "explain": explain,
-        "output_relevance": "one" if analyzer.normalize_output_relevance else "logit",
-        "package_version": crp_toolkit.__version__,
-        "config": config or {},
-    }
+    return layout
+
+
+def analyze_dataset(
+    analyzer: LRP,
+    dataset: Dataset,
+    layers: Sequence[str],
+    path: str | Path,
+    *,
+    dataset_description: str,
+    options: StoreOptions = StoreOptions(),
+    explain: str = "label",
+    device: str = "cpu",
+    loader_options: dict | None = None,
+    config: dict | None = None,
+    progress: bool = True,
+    shard: int = 0,
+    shards: int = 1,
+    class_names: Sequence[str] = (),
+) -> AnalysisReport:
+    """Run the analysis pass into the store at ``path`` (created, or resumed), holding what
+    ``options`` says (:class:`StoreOptions`); ``class_names`` label its class coordinate. With
+    ``shards > 1`` this process does the chunks ``c`` with ``c % shards == shard``; shards may
+    run at the same time (each writes only its own chunks). A chunk is read whole (one loader
+    for all chunks, ``loader_options`` its settings) and explained ``loader_options["batch_size"]``
+    samples at a time (the whole chunk at once without it). The reference tables are merged by
+    whichever process finds the store complete.
+
+    Finished chunks of a resumed store are checked first (files present, checksums, digests)
+    and the damaged ones recomputed. Returns what was done (:class:`AnalysisReport`)."""
+    loader = dict(loader_options or {})
+    batch_size = loader.pop("batch_size", None)
+    batch_size = options.chunk if batch_size is None else batch_size  # None: a chunk at once
+    _positive(batch_size=batch_size)
+    _check_pass(dataset, layers, explain, shard, shards)
+    on_error = loader.get("on_error", "skip")
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"loader.on_error must be 'skip' or 'fail', got {on_error!r}")
+    layout = probe_layout(analyzer, dataset, layers, options, device, class_names)
+    provenance = make_provenance(analyzer, dataset, dataset_description, explain, config)
     group = create_or_resume(path, layout, provenance)
     path = Path(path).resolve()
     mine = range(shard, layout.n_chunks, shards)
@@ -289,16 +282,33 @@ def analyze_dataset(
     for c in damaged:
         group["progress/done"][c] = False
     todo = [c for c in mine if c not in finished or c in damaged]
+    chunks = grouped(dataset, [layout.rows(c) for c in todo], classes=layout.classes, **loader)
+    work = partial(analyze_chunk, analyzer, layout=layout, explain=explain, batch_size=batch_size)
+    skipped = _write_chunks(group, layout, todo, chunks, work, device, progress)
+    if options.tables and not merge_when_complete(path):
+        report_unmerged(path)
+    return AnalysisReport(path, todo, damaged, skipped)
+
+
+def _write_chunks(
+    group: zarr.Group,
+    layout: Layout,
+    todo: list[int],
+    batches: Iterable[Batch],
+    work: Callable[[Tensor, Tensor], dict[str, np.ndarray]],
+    device: str,
+    progress: bool,
+) -> list[dict]:
+    """Explain the chunks ``todo`` (their ``batches``, read ahead by one loader) with
+    ``work(images, labels)`` and write them; returns the samples that could not be read. The
+    tables and the write of a chunk run in a thread while the next chunk is explained (numpy,
+    zarr's codecs and torch release the GIL); one written chunk waits at most."""
     skipped: list[dict] = []
-    # one loader reads the chunks (its workers read ahead); the tables and the write of a
-    # chunk run in a thread while the next chunk is explained (numpy, zarr's codecs and
-    # torch release the GIL); one written chunk waits at most
-    chunks = grouped(dataset, [layout.rows(c) for c in todo], classes=layout.classes, **options)
     samples = sum(len(layout.rows(c)) for c in todo)
     bar = tqdm(total=samples, desc="analyze", unit="img", disable=not progress)
     with bar, ThreadPoolExecutor(1) as writer:
         pending = None
-        for c, batch in zip(todo, chunks, strict=True):
+        for c, batch in zip(todo, batches, strict=True):
             rows = layout.rows(c)
             arrays = layout.empty(len(rows))
             for bad in batch.skipped:
@@ -307,8 +317,7 @@ def analyze_dataset(
             if batch.indices:
                 at = np.array(batch.indices) - rows.start
                 images = batch.images.to(device, non_blocking=True)  # pinned by the loader
-                found = analyze_chunk(analyzer, images, batch.labels, layout, explain, batch_size)
-                for key, values in found.items():
+                for key, values in work(images, batch.labels).items():
                     arrays[key][at] = values
             if pending is not None:
                 pending.result()  # raises what the write of the previous chunk raised
@@ -316,9 +325,7 @@ def analyze_dataset(
             bar.update(len(rows))
         if pending is not None:
             pending.result()
-    if (layout.k or layout.k_class) and not merge_when_complete(path):
-        report_unmerged(path)
-    return AnalysisReport(path, todo, damaged, skipped)
+    return skipped
 
 
 def report_unmerged(path: Path) -> None:

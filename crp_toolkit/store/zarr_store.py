@@ -87,41 +87,79 @@ class StoreMismatchError(ValueError):
 
 
 @dataclass(frozen=True)
-class Layout:
-    """Shape of a store: samples, rows per chunk, classes, and per layer the shape of one
-    sample's activation (channels, *spatial); ``maps`` adds relevance maps at each layer's
-    resolution (float16); ``k`` / ``k_class`` size the per-chunk reference tables (0: none);
-    ``logits_k`` keeps only the top logits when there are more classes; ``top_heatmaps``
-    stores the input-space heatmaps (of spatial shape ``input_shape``) of each sample's best
-    concepts."""
+class StoreOptions:
+    """What a store holds besides each layer's concept statistics, the same in the config
+    (``store.*``) and the writer: ``chunk`` samples per unit of work; ``maps``: relevance maps
+    at each layer's resolution (float16); ``tables_k`` / ``class_tables_k``: sizes of the
+    streaming reference tables per concept, and per class and concept (0: none);
+    ``logits_k``: with more classes than this, only each sample's top ``logits_k`` logits
+    (0: all); ``top_heatmaps``: input-space heatmaps of each sample's that many most relevant
+    concepts per layer (float16; 0: none)."""
 
-    n_samples: int
-    chunk: int
-    classes: int
-    layers: Mapping[str, tuple[int, ...]]
+    chunk: int = 256
     maps: bool = False
-    k: int = 0
-    k_class: int = 0
+    tables_k: int = 32
+    class_tables_k: int = 8
     logits_k: int = 0
     top_heatmaps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1:
+            raise ValueError(f"{{'chunk': {self.chunk}}} must be at least 1")
+        counts = {
+            "k": self.tables_k,
+            "k_class": self.class_tables_k,
+            "logits_k": self.logits_k,
+            "top_heatmaps": self.top_heatmaps,
+        }
+        negative = {key: value for key, value in counts.items() if value < 0}
+        if negative:
+            raise ValueError(f"{negative} must be at least 0 (0 disables the option)")
+
+    @property
+    def tables(self) -> bool:
+        """Whether the store keeps reference tables."""
+        return bool(self.tables_k or self.class_tables_k)
+
+
+NO_TABLES = StoreOptions(tables_k=0, class_tables_k=0)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shape of a store: samples, classes, and per layer the shape of one sample's activation
+    (channels, *spatial); what else it holds (``options``); ``input_shape``: the spatial shape
+    of the input-space heatmaps (``options.top_heatmaps``)."""
+
+    n_samples: int
+    classes: int
+    layers: Mapping[str, tuple[int, ...]]
+    options: StoreOptions = NO_TABLES
     input_shape: tuple[int, ...] = ()
     class_names: tuple[str, ...] = ()  # coordinates only (the dataset's fingerprint decides)
 
     @classmethod
     def from_attrs(cls, attrs: Mapping) -> Layout:
         """The layout of a store from its root attributes."""
-        return cls(
-            n_samples=attrs["n_samples"],
+        options = StoreOptions(
             chunk=attrs["chunk"],
-            classes=attrs["classes"],
-            layers={name: tuple(shape) for name, shape in attrs["layers"].items()},
             maps=attrs["maps"],
-            k=attrs["k"],
-            k_class=attrs["k_class"],
+            tables_k=attrs["k"],
+            class_tables_k=attrs["k_class"],
             logits_k=attrs["logits_k"],
             top_heatmaps=attrs["top_heatmaps"],
+        )
+        return cls(
+            n_samples=attrs["n_samples"],
+            classes=attrs["classes"],
+            layers={name: tuple(shape) for name, shape in attrs["layers"].items()},
+            options=options,
             input_shape=tuple(attrs["input_shape"]),
         )
+
+    @property
+    def chunk(self) -> int:
+        return self.options.chunk
 
     @property
     def n_chunks(self) -> int:
@@ -131,15 +169,15 @@ class Layout:
     def class_entries(self) -> int:
         """Rows of a chunk's per-class table: each class keeps at most ``k_class`` of the
         chunk's samples, so at most ``min(chunk, classes * k_class)`` in all."""
-        return min(self.chunk, self.classes * self.k_class)
+        return min(self.chunk, self.classes * self.options.class_tables_k)
 
     @property
     def top_logits(self) -> bool:
-        return 0 < self.logits_k < self.classes
+        return 0 < self.options.logits_k < self.classes
 
     def top_concepts(self, layer: str) -> int:
         """How many concepts of ``layer`` get input-space heatmaps per sample."""
-        return min(self.top_heatmaps, self.layers[layer][0])
+        return min(self.options.top_heatmaps, self.layers[layer][0])
 
     def rows(self, chunk: int) -> range:
         return range(chunk * self.chunk, min((chunk + 1) * self.chunk, self.n_samples))
@@ -147,7 +185,7 @@ class Layout:
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[str, ...]]]:
         """Every per-sample array: path -> (one sample's entry shape, dtype, dimension names)."""
         if self.top_logits:
-            ranked = ((self.logits_k,), ("sample", "rank"))
+            ranked = ((self.options.logits_k,), ("sample", "rank"))
             logits = {"samples/top_logits": "float32", "samples/top_classes": "int64"}
             logits = {path: (ranked[0], dtype, ranked[1]) for path, dtype in logits.items()}
         else:
@@ -166,10 +204,10 @@ class Layout:
             out[f"layers/{name}/act_max"] = per_concept
             out[f"layers/{name}/act_mean"] = per_concept
             out[f"layers/{name}/act_argmax"] = ((shape[0],), "int32", ("sample", "concept"))
-            if self.maps and len(shape) > 1:
+            if self.options.maps and len(shape) > 1:
                 dims = ("sample", "concept", *("y", "x", "z")[: len(shape) - 1])
                 out[f"layers/{name}/maps"] = (tuple(shape), "float16", dims)
-            if self.top_heatmaps:
+            if self.options.top_heatmaps:
                 n = self.top_concepts(name)
                 space = ("y", "x", "z")[: len(self.input_shape)]
                 out[f"layers/{name}/top_concepts"] = ((n,), "int32", ("sample", "rank"))
@@ -187,7 +225,7 @@ class Layout:
         specs = len(SPECS)
         for name, shape in self.layers.items():
             for kind, rows, dim in (
-                ("top", self.k, "rank"),
+                ("top", self.options.tables_k, "rank"),
                 ("class", self.class_entries, "entry"),
             ):
                 if rows:
@@ -204,12 +242,12 @@ class Layout:
             "chunk": self.chunk,
             "classes": self.classes,
             "layers": {k: list(v) for k, v in self.layers.items()},
-            "maps": self.maps,
-            "k": self.k,
-            "k_class": self.k_class,
-            "specs": [spec.name for spec in SPECS] if self.k or self.k_class else [],
-            "logits_k": self.logits_k if self.top_logits else 0,
-            "top_heatmaps": self.top_heatmaps,
+            "maps": self.options.maps,
+            "k": self.options.tables_k,
+            "k_class": self.options.class_tables_k,
+            "specs": [spec.name for spec in SPECS] if self.options.tables else [],
+            "logits_k": self.options.logits_k if self.top_logits else 0,
+            "top_heatmaps": self.options.top_heatmaps,
             "input_shape": list(self.input_shape),
         }
 
@@ -277,7 +315,7 @@ def _coordinates(group: zarr.Group, layout: Layout) -> None:
         _array(group, f"layers/{name}/concept", (shape[0],), (shape[0],), "int64", ["concept"])[
             :
         ] = concepts
-        if layout.k or layout.k_class:
+        if layout.options.tables:
             tables, chunks = f"layers/{name}/tables", layout.n_chunks
             ids = np.arange(chunks, dtype=np.int64)
             _array(group, f"{tables}/chunk_index", (chunks,), (chunks,), "int64", ["chunk_index"])[
