@@ -18,7 +18,6 @@ rule states its parts (``parts()``); ``crp_toolkit.engine.terms`` evaluates them
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import ClassVar
 
@@ -27,128 +26,46 @@ from torch import Tensor
 
 from crp_toolkit.engine import terms
 from crp_toolkit.engine.graph import Layer
-from crp_toolkit.engine.ops import Evaluate
+from crp_toolkit.engine.terms import (
+    LayerValues,
+    Modifier,
+    ParamView,
+    Part,
+    Term,
+    identity,
+    negative,
+    ones,
+    positive,
+    square,
+    stabilize,
+)
 
-Modifier = Callable[[Tensor], Tensor]
-ParamView = Callable[[tuple, Tensor, Modifier], Tensor]
-
-
-def identity(t: Tensor) -> Tensor:
-    """Leave a tensor unchanged."""
-    return t
-
-
-def positive(t: Tensor) -> Tensor:
-    """``t+ = max(t, 0)``."""
-    return t.clamp(min=0)
-
-
-def negative(t: Tensor) -> Tensor:
-    """``t- = min(t, 0)``."""
-    return t.clamp(max=0)
-
-
-def ones(t: Tensor) -> Tensor:
-    """A tensor of ones shaped like ``t`` (Flat and WSquare inputs)."""
-    return torch.ones_like(t)
-
-
-def square(t: Tensor) -> Tensor:
-    """``t * t`` (WSquare weights)."""
-    return t * t
-
-
-def stabilize(z: Tensor, eps: float) -> Tensor:
-    """``z + eps * sign0(z)`` with ``sign0(0) = +1``, as in zennit and RelevancePropagation.jl.
-
-    Computed as ``z + copysign(eps, z)`` (two passes instead of four): it differs only at
-    ``z = -0.0``, which a sum produces only when every contribution is zero, and then the
-    relevance it passes on is zero either way.
-    """
-    return torch.copysign(z.new_full((), eps), z).add_(z)
-
-
-@dataclass(frozen=True)
-class Term:
-    """One summand ``sign * layer(input(x); weight(W), bias(b))`` of a modified forward pass.
-
-    ``bias=None`` drops the bias from this term.
-    """
-
-    input: Modifier = identity
-    weight: Modifier = identity
-    bias: Modifier | None = identity
-    sign: float = 1.0
-
-    @property
-    def is_plain(self) -> bool:
-        """True when the term is the layer's own forward pass (its output can be reused)."""
-        return (
-            self.input is identity
-            and self.weight is identity
-            and self.bias is identity
-            and self.sign == 1.0
-        )
-
-    @property
-    def vanishes_on_nonnegative(self) -> bool:
-        """True when the term is zero for inputs >= 0 (it reads x- and has no bias)."""
-        return self.input is negative and self.bias is None
-
-    @property
-    def keeps_nonnegative(self) -> bool:
-        """True when the input modifier is the identity on inputs >= 0 (x+ = x)."""
-        return self.input is positive
-
-
-@dataclass(frozen=True)
-class Part:
-    """Terms sharing one denominator, weighted by ``coef``.
-
-    ``select`` (a function of the layer's original output ``z``) restricts the part to the
-    output relevance where it is true (used by the generalised gamma rule).
-    """
-
-    terms: tuple[Term, ...]
-    coef: float = 1.0
-    select: Callable[[Tensor], Tensor] | None = None
-    sign: int = 0  # +1 / -1 when the denominator is >= 0 / <= 0 by construction
-
-    @property
-    def is_plain(self) -> bool:
-        """True when the denominator is the layer's own output."""
-        return len(self.terms) == 1 and self.terms[0].is_plain
-
-    def denominator(self, z: Tensor, eps: float, *, fresh: bool = False) -> Tensor:
-        """``s(z)``; where the sign is known, a single shift (in place when ``z`` is a fresh
-        tensor nobody else holds)."""
-        if self.sign == 0:
-            return stabilize(z, eps)
-        shift = eps if self.sign > 0 else -eps
-        return z.add_(shift) if fresh else z + shift
-
-
-@dataclass
-class LayerValues:
-    """What a rule sees of one layer in the relevance pass.
-
-    ``inputs`` (empty unless the rule reads them) and ``output`` (None unless it reads it)
-    come from the forward pass; ``evaluate`` re-runs the layer on other inputs;
-    ``nonnegative``: every input is >= 0 by construction (it comes from a ReLU);
-    ``pooled``: (winner indices, input shape) recorded by a max-pooling layer; ``params``:
-    ``params(key, parameter, modify)`` is ``modify(parameter)`` computed once per parameter
-    version; ``cache``: tensors a rule may keep for later relevance passes over the same
-    forward pass (None when only one follows).
-    """
-
-    layer: Layer
-    inputs: Sequence[Tensor]
-    output: Tensor | None
-    evaluate: Evaluate
-    nonnegative: bool
-    pooled: tuple[Tensor, torch.Size] | None
-    params: ParamView
-    cache: dict | None
+__all__ = [
+    "Modifier",
+    "ParamView",
+    "identity",
+    "positive",
+    "negative",
+    "ones",
+    "square",
+    "stabilize",
+    "Term",
+    "Part",
+    "LayerValues",
+    "Rule",
+    "TermRule",
+    "ZeroRule",
+    "EpsilonRule",
+    "GammaRule",
+    "WSquareRule",
+    "FlatRule",
+    "ZPlusRule",
+    "AlphaBetaRule",
+    "GeneralizedGammaRule",
+    "ZBoxRule",
+    "PassRule",
+    "LayerNormRule",
+]
 
 
 class Rule:
