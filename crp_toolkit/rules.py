@@ -1,55 +1,6 @@
 """LRP rules (the public home of ``crp_toolkit.engine.rules``)."""
 
-from crp_toolkit.engine.rules import (
-    AlphaBetaRule,
-    EpsilonRule,
-    FlatRule,
-    GammaRule,
-    GeneralizedGammaRule,
-    LayerNormRule,
-    LayerValues,
-    Modifier,
-    ParamView,
-    Part,
-    PassRule,
-    Rule,
-    Term,
-    TermRule,
-    WSquareRule,
-    ZBoxRule,
-    ZeroRule,
-    ZPlusRule,
-    identity,
-    negative,
-    ones,
-    positive,
-    square,
-    stabilize,
-)
+from crp_toolkit.engine import rules as _engine
+from crp_toolkit.engine.rules import *  # noqa: F403 - exactly the engine module's __all__
 
-__all__ = [
-    "Modifier",
-    "ParamView",
-    "identity",
-    "positive",
-    "negative",
-    "ones",
-    "square",
-    "stabilize",
-    "Term",
-    "Part",
-    "LayerValues",
-    "Rule",
-    "TermRule",
-    "ZeroRule",
-    "EpsilonRule",
-    "GammaRule",
-    "WSquareRule",
-    "FlatRule",
-    "ZPlusRule",
-    "AlphaBetaRule",
-    "GeneralizedGammaRule",
-    "ZBoxRule",
-    "PassRule",
-    "LayerNormRule",
-]
+__all__ = list(_engine.__all__)

@@ -136,6 +136,29 @@ class _Accumulator:
         self.best_ids[cls, :, :P] = np.take_along_axis(index, keep, 0)
 
 
+def _check_counts(
+    n_prototypes: int, n_nearest: int, n_concepts: int, max_fit_samples: int | None
+) -> None:
+    counts = {"n_prototypes": n_prototypes, "n_nearest": n_nearest, "n_concepts": n_concepts}
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if max_fit_samples is not None and max_fit_samples < n_prototypes:
+        raise ValueError(
+            f"max_fit_samples ({max_fit_samples}) must be at least n_prototypes ({n_prototypes})"
+        )
+
+
+def _parameters(models: dict, classes: int, n_prototypes: int, concepts: int):
+    """Means (class, prototype, concept; NaN for missing components) and weights."""
+    means = np.full((classes, n_prototypes, concepts), np.nan)
+    weights = np.zeros((classes, n_prototypes))
+    for cls, model in models.items():
+        means[cls, : model.n_components] = model.means_
+        weights[cls, : model.n_components] = model.weights_
+    return means, weights
+
+
 def fit_prototypes(
     store: Store,
     layer: str,
@@ -154,27 +177,16 @@ def fit_prototypes(
     samples' concept relevance (per-sample normalised by default), fitted on all readable
     samples or at most ``max_fit_samples`` per class (EM for at most ``max_iter`` steps; PCX uses
     10); every readable sample is scored."""
-    counts = {"n_prototypes": n_prototypes, "n_nearest": n_nearest, "n_concepts": n_concepts}
-    for name, value in counts.items():
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    if max_fit_samples is not None and max_fit_samples < n_prototypes:
-        raise ValueError(
-            f"max_fit_samples ({max_fit_samples}) must be at least n_prototypes ({n_prototypes})"
-        )
+    _check_counts(n_prototypes, n_nearest, n_concepts, max_fit_samples)
     classes, concepts = store.classes, store.layer(layer).shape[1]
     labels, valid = store.samples("label")[:], store.samples("valid")[:]
     if np.any((labels[valid] < 0) | (labels[valid] >= classes)):
         raise ValueError(f"labels of the store at {store.path} lie outside its {classes} classes")
     chosen = fit_subset(labels, valid, max_fit_samples, seed)
     fitted = gather(store, layer, chosen, labels, normalised)
+    mixture = {"covariance_type": covariance_type, "max_iter": max_iter, "random_state": seed}
     models = {
-        int(cls): GaussianMixture(
-            min(n_prototypes, len(ids)),
-            covariance_type=covariance_type,
-            max_iter=max_iter,
-            random_state=seed,
-        ).fit(X)
+        int(cls): GaussianMixture(min(n_prototypes, len(ids)), **mixture).fit(X)
         for cls, ids, X in by_class(fitted)
     }
     out = _Accumulator(len(chosen), classes, concepts, n_prototypes, n_nearest, n_concepts)
@@ -188,11 +200,7 @@ def fit_prototypes(
     for part in parts:
         for cls, ids, X in by_class(part):
             out.add(int(cls), models[int(cls)], ids, X)
-    means = np.full((classes, n_prototypes, concepts), np.nan)
-    weights = np.zeros((classes, n_prototypes))
-    for cls, model in models.items():
-        means[cls, : model.n_components] = model.means_
-        weights[cls, : model.n_components] = model.weights_
+    means, weights = _parameters(models, classes, n_prototypes, concepts)
     return Prototypes(
         layer,
         normalised,

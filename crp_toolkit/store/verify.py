@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from crp_toolkit.store.integrity import damaged_chunks
 from crp_toolkit.store.results import ROOT
-from crp_toolkit.store.zarr_store import Store, check_unit
+from crp_toolkit.store.zarr_store import Store, check_unit, unit_arrays
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,9 @@ def _ids(ids: list[int]) -> str:
 def damaged_units(store: Store, units, progress: bool = False) -> dict[int, list[str]]:
     """The problems of each damaged unit among ``units`` (finished ones), read and checked."""
     layout, found = store.layout, {}
+    arrays = unit_arrays(store.group, layout)
     for unit in tqdm(units, desc="verify", unit="chunk", disable=not progress, leave=False):
-        problems = check_unit(store.group, store.path, layout, unit)
+        problems = check_unit(store.group, store.path, layout, unit, arrays)
         if problems:
             found[unit] = problems
     return found

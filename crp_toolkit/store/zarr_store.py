@@ -426,49 +426,56 @@ def write_chunk(
     group["progress/done"][chunk] = True
 
 
-def _unit_files(group: zarr.Group, layout: Layout, chunk: int) -> list[str]:
-    """The chunk files (relative to the store root) a unit of work must have written."""
-    files = []
-    for path in layout.unit():  # a unit's rows (or its entry) are one zarr chunk: index chunk
-        array = group[path]
-        files.append(chunk_file(array, (chunk,) + (0,) * (array.ndim - 1)))
-    return files
+def unit_arrays(group: zarr.Group, layout: Layout) -> dict[str, zarr.Array]:
+    """Every array a unit of work writes, opened once (each opening reads its metadata)."""
+    return {path: group[path] for path in layout.unit()}
+
+
+def _unit_file(array: zarr.Array, chunk: int) -> str:
+    """The file of a unit in ``array``: its rows (or its entry) are one zarr chunk, ``chunk``."""
+    return chunk_file(array, (chunk,) + (0,) * (array.ndim - 1))
 
 
 def missing_files(group: zarr.Group, root: Path, layout: Layout, chunks) -> dict[int, list[str]]:
     """Per unit among ``chunks``: the chunk files that should exist and do not (cheap: no
     file is read)."""
+    arrays = unit_arrays(group, layout).values()
     out = {}
     for chunk in chunks:
-        missing = [name for name in _unit_files(group, layout, chunk) if not (root / name).exists()]
+        missing = [name for a in arrays if not (root / (name := _unit_file(a, chunk))).exists()]
         if missing:
             out[chunk] = missing
     return out
 
 
-def check_unit(group: zarr.Group, root: Path, layout: Layout, chunk: int) -> list[str]:
-    """What is wrong with a finished unit of work: its missing chunk files, the ones that fail
-    to decode (zstd checksum), or a digest that differs from what was written; [] if sound."""
+def check_unit(
+    group: zarr.Group, root: Path, layout: Layout, chunk: int, arrays: Mapping[str, zarr.Array]
+) -> list[str]:
+    """What is wrong with a finished unit of work (``arrays``: ``unit_arrays``): its missing
+    chunk files, the ones that fail to decode (zstd checksum), or a digest that differs from
+    what was written; [] if sound."""
     problems = [
-        f"{name}: missing" for name in missing_files(group, root, layout, [chunk]).get(chunk, [])
+        f"{name}: missing"
+        for array in arrays.values()
+        if not (root / (name := _unit_file(array, chunk))).exists()
     ]
     if problems:
         return problems
-    arrays = {}
+    values = {}
     for path, (_, per_chunk) in layout.unit().items():
-        array = group[path]
         try:
-            arrays[path] = array[_selection(layout, chunk, per_chunk)]
+            values[path] = arrays[path][_selection(layout, chunk, per_chunk)]
         except Exception as err:  # a truncated or corrupted chunk file
-            name = chunk_file(array, (chunk,) + (0,) * (array.ndim - 1))
-            problems.append(f"{name}: cannot be read ({type(err).__name__}: {err})")
+            problems.append(
+                f"{_unit_file(arrays[path], chunk)}: cannot be read ({type(err).__name__}: {err})"
+            )
     if problems:
         return problems
     try:
         stored = group["progress/digest"][chunk]
     except Exception as err:
         return [f"progress/digest: cannot be read ({type(err).__name__}: {err})"]
-    if not np.array_equal(stored, unit_digest(arrays)):
+    if not np.array_equal(stored, unit_digest(values)):
         return ["its contents differ from what was written (digest mismatch)"]
     return []
 
