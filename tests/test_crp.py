@@ -89,7 +89,7 @@ def test_recorded_relevance_is_pre_mask(fashion_setup):
     mask = torch.zeros(16, 1, 1, dtype=x.dtype)
     mask[[3, 2]] = 1
     assert rel_err(ours.relevances["conv2"] * mask, theirs.relevances["m.conv2"]) < 1e-10
-    unconditional = analyzer(x, 1, layer_relevances=["conv2"]).layer_relevances["conv2"]
+    unconditional = analyzer(x, 1, record=["conv2"]).relevances["conv2"]
     assert rel_err(ours.relevances["conv2"], unconditional) < 1e-12
 
 
@@ -229,6 +229,46 @@ def test_results_come_in_the_order_given(fashion_setup):
         torch.testing.assert_close(paired.relevance[row], alone.relevance[0])
 
 
+def test_every_analyzer_answers_in_one_vocabulary(fashion_setup):
+    """LRP, CRP and CondAttribution results are Explanations: the same names mean the same
+    things (relevance, heatmaps over the input's channels, relevances/activations of
+    recorded layers, output and target per row), whichever analyzer made them."""
+    _, x, analyzer = fashion_setup
+    lrp = ct.analyze(x, analyzer, 3, record=["conv2", "linear1"])
+    crp_analyzer = ct.CRP(analyzer, "conv2", ct.IndexedFeatures(1, 6))
+    crp = ct.analyze(x, crp_analyzer, 3, record=["conv1", "conv2"])
+    conditions = [{"y": 3, "conv2": [c]} for c in (1, 6)]
+    cond = ct.analyze(x, ct.CondAttribution(analyzer), conditions=conditions, record=["conv1"])
+    for result in (lrp, crp, cond):
+        assert isinstance(result, ct.Explanation)
+    assert lrp.heatmaps.shape == (4, 28, 28)
+    assert crp.heatmaps.shape == (4, 2, 28, 28) and cond.heatmaps.shape == (8, 28, 28)
+    torch.testing.assert_close(lrp.heatmaps, lrp.relevance.sum(1))
+    # rows: CondAttribution is sample-major; CRP is (sample, feature)
+    torch.testing.assert_close(cond.heatmaps.reshape(4, 2, 28, 28), crp.heatmaps)
+    torch.testing.assert_close(
+        cond.relevances["conv1"].reshape(4, 2, *crp.relevances["conv1"].shape[2:]),
+        crp.relevances["conv1"],
+    )
+    torch.testing.assert_close(crp.activations["conv1"], lrp_activation(analyzer, x, "conv1"))
+    assert cond.sample.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and (cond.target == 3).all()
+    torch.testing.assert_close(cond.output, lrp.output[cond.sample])
+    assert (crp.target == 3).all() and (lrp.target == 3).all()
+    # relevance recorded at the conditioned layer is before its mask: the unconditional one
+    torch.testing.assert_close(crp.relevances["conv2"][:, 1], lrp.relevances["conv2"])
+
+
+def lrp_activation(analyzer, x, layer):
+    return analyzer(x, record=[layer]).activations[layer]
+
+
+def test_a_pass_stopped_above_the_input_has_no_heatmaps(fashion_setup):
+    _, x, analyzer = fashion_setup
+    short = analyzer(x, record=["linear1"], to_input=False)
+    with pytest.raises(ValueError, match="to_input=True"):
+        _ = short.heatmaps
+
+
 def test_neuron_concepts_sum_to_their_channel(fashion_setup):
     _, x, analyzer = fashion_setup
     neurons = ct.CondAttribution(analyzer, {"conv2": ct.NeuronConcept()})
@@ -291,7 +331,7 @@ def test_concept_relevance_vectors(fashion_setup):
     torch.testing.assert_close(
         normed["conv2"], raw["conv2"] / raw["conv2"].abs().sum(1, keepdim=True)
     )
-    layer = analyzer(x, layer_relevances=["linear1"]).layer_relevances["linear1"]
+    layer = analyzer(x, record=["linear1"]).relevances["linear1"]
     torch.testing.assert_close(raw["linear1"], layer)
 
 
@@ -332,7 +372,7 @@ def test_attribution_graph_full_width_accounts_for_all_relevance():
         analyzer,
         x,
         "2",
-        int(analyzer(x, layer_relevances=["2"]).layer_relevances["2"].sum((0, 2, 3)).argmax()),
+        int(analyzer(x, record=["2"]).relevances["2"].sum((0, 2, 3)).argmax()),
         widths=(6,),
     )
     assert sum(f for _, f in graph.children(graph.root)) == pytest.approx(1.0, rel=1e-5)

@@ -250,7 +250,7 @@ def test_sign_split_rules_lose_exactly_the_empty_parts(zoo, name, preset):
     relevance recorded at each layer's output."""
     model = bias_free(zoo, name)
     x = randn(2, 3, 64, 64, seed=1)
-    expl = ct.LRP(model, ours_composite(preset, x))(x, layer_relevances=True)
+    expl = ct.LRP(model, ours_composite(preset, x))(x, record=True)
     conv_rule = "zplus" if preset.startswith("EpsilonPlus") else "alphabeta"
     first = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -267,12 +267,12 @@ def test_sign_split_rules_lose_exactly_the_empty_parts(zoo, name, preset):
             handle.remove()
     lost = torch.zeros(2, dtype=x.dtype)
     for n, (inp, out) in seen.items():
-        if n not in expl.layer_relevances:
+        if n not in expl.relevances:
             continue  # reached by no relevance (the pooling inside squeeze-excitation gates)
         rule = "flat" if preset.endswith("Flat") and n == first else conv_rule
         with torch.no_grad():
             kept = _kept_fraction(model.get_submodule(n), inp, out, rule)
-        lost += (expl.layer_relevances[n] * (1 - kept)).flatten(1).sum(1)
+        lost += (expl.relevances[n] * (1 - kept)).flatten(1).sum(1)
     total = expl.relevance.sum((1, 2, 3))
     assert lost.abs().max() > 1e-3  # the effect is real on these models
     assert torch.allclose(total, 1 - lost, atol=1e-4)
@@ -318,14 +318,12 @@ def test_batch_equals_per_sample_vgg(zoo):
 def test_batch_equals_per_sample_fashion(fashion64, preset):
     model, x, y = fashion64
     analyzer = ct.LRP(ct.canonize(model), ours_composite(preset, x))
-    batch = analyzer(x[:8], y[:8], layer_relevances=["conv2", "linear1"])
+    batch = analyzer(x[:8], y[:8], record=["conv2", "linear1"])
     for i in range(8):
-        single = analyzer(x[i : i + 1], y[i : i + 1], layer_relevances=["conv2", "linear1"])
+        single = analyzer(x[i : i + 1], y[i : i + 1], record=["conv2", "linear1"])
         assert rel_err(single.relevance[0], batch.relevance[i]) < 1e-10
         for name in ("conv2", "linear1"):
-            assert (
-                rel_err(single.layer_relevances[name][0], batch.layer_relevances[name][i]) < 1e-10
-            )
+            assert rel_err(single.relevances[name][0], batch.relevances[name][i]) < 1e-10
 
 
 @pytest.mark.parametrize("name", ["vgg11", "resnet18"])
@@ -337,11 +335,11 @@ def test_a_pass_stopped_at_the_lowest_recorded_layer_records_the_same_relevance(
     names = [layer.name for layer in analyzer.graph.layers]
     record = [names[len(names) // 3], names[len(names) // 2], names[-3]]
     x = randn(2, 3, 64, 64, seed=3)
-    full = analyzer(x, layer_relevances=record)
-    short = analyzer(x, layer_relevances=record, to_input=False)
+    full = analyzer(x, record=record)
+    short = analyzer(x, record=record, to_input=False)
     assert short.relevance is None and full.relevance is not None
     for layer in record:
-        assert torch.equal(short.layer_relevances[layer], full.layer_relevances[layer]), layer
+        assert torch.equal(short.relevances[layer], full.relevances[layer]), layer
     # and its forward pass frees what only the skipped layers would read
     index = [analyzer.graph.index(layer) for layer in record]
     held = [analyzer.forward(x, keep=index, above=above) for above in (-1, min(index))]
@@ -695,7 +693,7 @@ def test_callers_model_is_never_modified(fashion_model, case):
         assert_unchanged(model, before)
         snapshot = state_snapshot(subject)
         analyzer(x)
-        analyzer(x, 1, layer_relevances=True)
+        analyzer(x, 1, record=True)
         assert_unchanged(subject, snapshot)  # explaining leaves even the analysed model alone
     assert_unchanged(model, before)
     with torch.no_grad():

@@ -539,16 +539,12 @@ def test_zennit_crp_analytic_case(rule: Rule) -> None:
     x = torch.tensor([[-1.0, 1.0]], dtype=DT)
     composite = Composite(TypeMap({"linear": rule}))
     an = ct.LRP(model, composite, normalize_output_relevance=False)
-    e = an(x, 0, layer_relevances=["layer1", "layer2", "layer3"])
+    e = an(x, 0, record=["layer1", "layer2", "layer3"])
     assert float(e.output[0, 0]) == 10.0
     tol = {"rtol": 1e-5, "atol": 1e-5}  # the stabilizer (<= 1e-6) is the only deviation
-    torch.testing.assert_close(e.layer_relevances["layer3"], torch.tensor([[10.0]], dtype=DT))
-    torch.testing.assert_close(
-        e.layer_relevances["layer1"], torch.tensor([[1.0, 4.0]], dtype=DT), **tol
-    )
-    torch.testing.assert_close(
-        e.layer_relevances["layer2"], torch.tensor([[5.0, 0.0]], dtype=DT), **tol
-    )
+    torch.testing.assert_close(e.relevances["layer3"], torch.tensor([[10.0]], dtype=DT))
+    torch.testing.assert_close(e.relevances["layer1"], torch.tensor([[1.0, 4.0]], dtype=DT), **tol)
+    torch.testing.assert_close(e.relevances["layer2"], torch.tensor([[5.0, 0.0]], dtype=DT), **tol)
     torch.testing.assert_close(e.relevance, torch.tensor([[-11.0, 21.0]], dtype=DT), **tol)
 
 

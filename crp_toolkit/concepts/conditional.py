@@ -9,34 +9,32 @@ conditions in chunks that fit a memory budget.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from crp_toolkit.concepts.concepts import ChannelConcept, Concept, one_hot
+from crp_toolkit.engine.explanation import Explanation
 from crp_toolkit.engine.lrp import LRP, ForwardPass
 
 OUTPUT = "y"
 Condition = Mapping[str, object]
 
 
-@dataclass
-class CondResult:
-    """Conditional relevances, one row per (sample, condition) pair, in the order given.
+@dataclass(kw_only=True)
+class CondResult(Explanation):
+    """An ``Explanation`` with one row per (sample, condition) pair, in the order given.
 
     ``relevance``: input relevance (N, *input shape); ``heatmaps``: summed over channels;
-    ``relevances`` / ``activations``: per recorded layer (N, ...), relevance before any mask.
+    ``relevances`` / ``activations``: per recorded layer (N, ...), relevance before any mask;
+    ``sample``: the sample of each row; ``output``: its logits; ``target``: the class its
+    condition explains (-1 where the condition names no single class: several, or a pass
+    started at an inner layer).
     """
 
     relevance: Tensor
-    relevances: dict[str, Tensor] = field(default_factory=dict)
-    activations: dict[str, Tensor] = field(default_factory=dict)
-    output: Tensor | None = None
-
-    @property
-    def heatmaps(self) -> Tensor:
-        return self.relevance.sum(1) if self.relevance.dim() > 2 else self.relevance
+    sample: Tensor
 
 
 def propagate_conditioned(
@@ -180,9 +178,16 @@ class CondAttribution:
                 for i, r in recorded.items():
                     relevances[graph.layers[i].name][row] = r[s, b]
         sample = [row if pairwise else row // len(conditions) for row in range(rows)]
-        activations = {name: fp.value(graph.index(name))[sample] for name in record}
-        stacked = {name: torch.stack(r) for name, r in relevances.items()}
-        return CondResult(torch.stack(heat), stacked, activations, fp.output)
+        condition = [row if pairwise else row % len(conditions) for row in range(rows)]
+        explained = [-1 if start is not None else _single_class(c) for c in conditions]
+        return CondResult(
+            relevance=torch.stack(heat),
+            output=fp.output[sample],
+            target=torch.tensor([explained[c] for c in condition], device=x.device),
+            relevances={name: torch.stack(r) for name, r in relevances.items()},
+            activations={name: fp.value(graph.index(name))[sample] for name in record},
+            sample=torch.tensor(sample, device=x.device),
+        )
 
     def _run(self, fp, grid, start, init_rel, record_index, exclude_parallel, chunk_size):
         graph = self.analyzer.graph
@@ -234,6 +239,12 @@ class CondAttribution:
         selected = one_hot(ys, classes, output)
         value = 1.0 if self.analyzer.normalize_output_relevance else output[None]
         return {self.analyzer.graph.output_layer: selected * value}
+
+
+def _single_class(condition: Condition) -> int:
+    """The class a condition explains, or -1 when it names none or several."""
+    ys = _ids(condition.get(OUTPUT, []), OUTPUT)
+    return ys[0] if len(ys) == 1 else -1
 
 
 def _groups(conditions: Sequence[dict]) -> list[list[int]]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from crp_toolkit.concepts.concepts import ChannelConcept, Concept
 from crp_toolkit.concepts.conditional import propagate_conditioned
-from crp_toolkit.engine.explanation import explain, resolve_target
+from crp_toolkit.engine.explanation import Explanation, resolve_target
 from crp_toolkit.engine.lrp import LRP
 
 
@@ -51,21 +52,19 @@ class IndexedFeatures:
         return f"IndexedFeatures{self.ids}"
 
 
-@dataclass
-class CRPExplanation:
-    """``relevance``: (batch, n_features, *input shape); ``features``: the concept ids
-    (batch, n_features); ``scores``: relevance of every concept of the layer (batch,
-    n_concepts); ``output``/``target``: logits and explained class per sample."""
+@dataclass(kw_only=True)
+class CRPExplanation(Explanation):
+    """An ``Explanation`` with one row per (sample, chosen feature): ``relevance`` is
+    (batch, n_features, *input shape) and ``heatmaps`` (batch, n_features, H, W);
+    ``features``: the concept ids (batch, n_features); ``scores``: relevance of every
+    concept of the layer (batch, n_concepts); ``relevances[layer]``: (batch, n_features,
+    ...) for the recorded layers, ``activations[layer]`` (batch, ...)."""
 
     relevance: Tensor
     features: Tensor
     scores: Tensor
-    output: Tensor
-    target: Tensor
 
-    @property
-    def heatmaps(self) -> Tensor:
-        return self.relevance.sum(2)
+    cases: ClassVar[int] = 2
 
 
 class CRP:
@@ -94,27 +93,45 @@ class CRP:
         self.memory_budget = memory_budget
 
     def __call__(
-        self, x: Tensor, target: int | Sequence[int] | Tensor | None = None
+        self,
+        x: Tensor,
+        target: int | Sequence[int] | Tensor | None = None,
+        *,
+        record: Sequence[str] = (),
     ) -> CRPExplanation:
+        """Conditional heatmaps of the chosen features for ``target`` (argmax when None);
+        ``record``: layers whose conditional relevance and activation to keep."""
         an = self.analyzer
-        fp = an.forward(x, reuse=True, keep=[self.index])
+        recorded = [an.graph.index(name) for name in record]
+        fp = an.forward(x, reuse=True, keep=[self.index, *recorded])
         target = resolve_target(fp.output, target)
         init = {an.graph.output_layer: an.output_relevance(fp.output, target)[None]}
-        pending, _ = an.propagate(fp, init, stop=self.index)
+        pending, above = an.propagate(fp, init, record=recorded, stop=self.index)
         activation = fp.value(self.index)
         scores = self.concept.relevance(pending[self.index][0], activation)
         chosen = self.features.select(scores, self.layer)  # (B, n)
         ids = [[[int(c)] for c in chosen[:, k]] for k in range(chosen.shape[1])]
         masks = {self.index: self.concept.mask(ids, activation)}
-        heat, _ = propagate_conditioned(
+        heat, below = propagate_conditioned(
             an,
             fp,
             pending,
             masks,
+            record=[i for i in recorded if i not in above],
             exclude_parallel=self.exclude_parallel,
             memory_budget=self.memory_budget,
         )
-        return CRPExplanation(heat.transpose(0, 1), chosen, scores, fp.output, target)
+        n = chosen.shape[1]  # relevance above the condition is the same for every feature
+        layers = {i: r.expand(n, *r.shape[1:]) for i, r in above.items()} | below
+        return CRPExplanation(
+            relevance=heat.transpose(0, 1),
+            output=fp.output,
+            target=target,
+            relevances={an.graph.layers[i].name: r.transpose(0, 1) for i, r in layers.items()},
+            activations={name: fp.value(i) for name, i in zip(record, recorded)},
+            features=chosen,
+            scores=scores,
+        )
 
     def __repr__(self) -> str:
         return f"CRP(layer={self.layer!r}, features={self.features!r}, concept={self.concept!r})"
@@ -132,10 +149,10 @@ def concept_relevances(
     """Relevance of every concept of each layer (summed over space), (B, n_concepts) per
     layer, from one explanation; ``abs_norm`` divides by the sum of absolute values."""
     concept = concept or ChannelConcept()
-    expl = explain(analyzer, x, target, layer_relevances=layers)
+    expl = analyzer(x, target, record=layers)
     out = {}
     for name in layers:
-        scores = concept.relevance(expl.layer_relevances[name], expl.layer_activations[name])
+        scores = concept.relevance(expl.relevances[name], expl.activations[name])
         if abs_norm:
             scores = scores / scores.abs().sum(1, keepdim=True).clamp_min(1e-12)
         out[name] = scores

@@ -1,9 +1,17 @@
-"""Explanations: what ``analyze`` returns, and how targets and output relevance are set."""
+"""Explanations: what ``analyze`` returns, and how targets and output relevance are set.
+
+One vocabulary for every analyzer (LRP, CRP, CondAttribution): ``relevance`` is the input
+relevance, one row per explained case (``heatmaps``: summed over the input's channels);
+``relevances`` / ``activations`` map recorded layer names to the relevance arriving at their
+outputs and to those outputs; ``output`` holds the logits and ``target`` the explained class
+of each row. ``record=[...]`` names the layers to record, for every analyzer.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -11,19 +19,35 @@ from torch import Tensor
 
 @dataclass
 class Explanation:
-    """The result of explaining a batch.
+    """The LRP explanation of a batch: one row per sample.
 
     ``relevance`` is shaped like the input (None when the backward pass stopped at the
-    lowest recorded layer); ``output`` holds the model's logits and ``target`` the explained
-    class per sample; ``layer_relevances`` maps layer names to the relevance arriving at their
-    outputs (when asked for), ``layer_activations`` to those layers' outputs.
+    lowest recorded layer, ``to_input=False``); ``output`` holds the model's logits and
+    ``target`` the explained class per sample; ``relevances`` maps the recorded layers to
+    the relevance arriving at their outputs, ``activations`` to those outputs.
     """
 
     relevance: Tensor | None
     output: Tensor
     target: Tensor
-    layer_relevances: dict[str, Tensor] = field(default_factory=dict)
-    layer_activations: dict[str, Tensor] = field(default_factory=dict)
+    relevances: dict[str, Tensor] = field(default_factory=dict)
+    activations: dict[str, Tensor] = field(default_factory=dict)
+
+    #: axes of ``relevance`` before the input's own (batch; batch and feature for CRP)
+    cases: ClassVar[int] = 1
+
+    @property
+    def heatmaps(self) -> Tensor:
+        """``relevance`` summed over the input's channel axis (the first axis of an input
+        sample), e.g. (batch, H, W) for images; unchanged for flat inputs."""
+        if self.relevance is None:
+            raise ValueError(
+                "this explanation has no input relevance (it stopped at the lowest recorded "
+                "layer); explain with to_input=True for heatmaps"
+            )
+        if self.relevance.dim() <= self.cases + 1:
+            return self.relevance
+        return self.relevance.sum(self.cases)
 
 
 def resolve_target(output: Tensor, target: int | Sequence[int] | Tensor | None) -> Tensor:
@@ -49,23 +73,25 @@ def resolve_target(output: Tensor, target: int | Sequence[int] | Tensor | None) 
     return ids
 
 
-def explain(
+def explain_lrp(
     analyzer,
     x: Tensor,
     target=None,
     *,
-    layer_relevances: bool | Sequence[str] = False,
+    record: bool | Sequence[str] = (),
     to_input: bool = True,
 ) -> Explanation:
-    """Explain ``target`` (argmax by default) for every sample of ``x`` with ``analyzer``.
-    With ``to_input=False`` and layer relevances asked for, the backward pass stops at the
-    lowest of those layers (no input relevance): the relevances above it are the same, and
-    the layers below, often the costliest, are skipped."""
+    """Explain ``target`` (argmax by default) for every sample of ``x`` with the LRP
+    ``analyzer`` (what ``analyze`` and ``LRP.__call__`` run). ``record``: layer names whose
+    relevance and activation to keep (True: every layer). With ``to_input=False`` and layers
+    recorded, the backward pass stops at the lowest of them (no input relevance): the
+    relevances above it are the same, and the layers below, often the costliest, are
+    skipped."""
     graph = analyzer.graph
-    if layer_relevances is True:
+    if record is True:
         record = list(range(len(graph.layers)))
     else:
-        record = [graph.index(name) for name in (layer_relevances or ())]
+        record = [graph.index(name) for name in (record or ())]
     stop = -1 if to_input or not record else min(record)
     fp = analyzer.forward(x, keep=record, above=stop)
     ids = resolve_target(fp.output, target)
@@ -80,5 +106,10 @@ def explain(
 
 
 def analyze(x: Tensor, analyzer, target: int | Sequence[int] | Tensor | None = None, **kwargs):
-    """``analyze(x, analyzer, target)``: the same as ``analyzer(x, target)``."""
+    """The one entry point: explain ``x`` with any analyzer (``ct.LRP``, ``ct.CRP``,
+    ``ct.CondAttribution``), ``target`` the class explained per sample (argmax when None;
+    CondAttribution takes its classes from ``conditions=`` instead). Keyword arguments go to
+    the analyzer, e.g. ``record=["features.28"]``. Same as ``analyzer(x, target, ...)``."""
+    if target is None:
+        return analyzer(x, **kwargs)
     return analyzer(x, target, **kwargs)

@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from crp_toolkit.engine.composites import Composite, GlobalMap
+from crp_toolkit.engine.explanation import explain_lrp
 from crp_toolkit.engine.graph import Graph, Layer, UnsupportedLayerError, trace
 from crp_toolkit.engine.rules import LayerValues, ParamView, Rule, ZeroRule
 
@@ -198,9 +199,8 @@ class LRP:
 
     # -- explanation -------------------------------------------------------------------------
     def __call__(self, x: Tensor, target: int | Sequence[int] | Tensor | None = None, **kwargs):
-        from crp_toolkit.engine.explanation import explain
-
-        return explain(self, x, target, **kwargs)
+        """``analyzer(x, target, record=..., to_input=...)``: see ``ct.analyze``."""
+        return explain_lrp(self, x, target, **kwargs)
 
     def output_relevance(self, output: Tensor, target: Tensor) -> Tensor:
         """Relevance at the output: one-hot at ``target`` (value 1, or the logit)."""

@@ -19,7 +19,6 @@ from torch import Tensor
 from tqdm import tqdm
 
 from crp_toolkit.concepts.concepts import ChannelConcept
-from crp_toolkit.engine.explanation import explain
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.store.results import read_result, write_result
 from crp_toolkit.store.study import Study
@@ -80,8 +79,8 @@ def concept_orders(
     computed ``batch_size`` samples at a time."""
     parts = []
     for xs, ys in zip(x.split(batch_size), classes.split(batch_size), strict=True):
-        expl = explain(analyzer, xs, ys, layer_relevances=[layer])
-        relevance, activation = expl.layer_relevances[layer], expl.layer_activations[layer]
+        expl = analyzer(xs, ys, record=[layer])
+        relevance, activation = expl.relevances[layer], expl.activations[layer]
         parts.append([ChannelConcept().relevance(r, activation) for r in (relevance, activation)])
     orders = {
         name: np.argsort(-torch.cat(s).double().cpu().numpy(), axis=1, kind="stable")

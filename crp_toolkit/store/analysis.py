@@ -21,7 +21,6 @@ from tqdm import tqdm
 from crp_toolkit.concepts.concepts import ChannelConcept
 from crp_toolkit.concepts.conditional import propagate_conditioned
 from crp_toolkit.data.loading import Batch, first_readable, grouped
-from crp_toolkit.engine.explanation import explain as explain_batch
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.store.study import make_provenance
 from crp_toolkit.store.tables import SOURCES, chunk_tables, merge_when_complete
@@ -97,7 +96,7 @@ def analyze_batch(
     layers/...)."""
     layers = list(layout.layers)
     target = labels.to(x.device) if explain == "label" else None  # None: the prediction
-    expl = explain_batch(analyzer, x, target, layer_relevances=layers, to_input=False)
+    expl = analyzer(x, target, record=layers, to_input=False)
     if layout.top_logits:
         logits = top_logits(expl.output, layout.options.logits_k)
     else:
@@ -110,7 +109,7 @@ def analyze_batch(
     }
     top: dict[str, Tensor] = {}
     for name in layers:
-        relevance, activation = expl.layer_relevances[name], expl.layer_activations[name]
+        relevance, activation = expl.relevances[name], expl.activations[name]
         for stat, values in layer_statistics(relevance, activation, layout.options.maps).items():
             out[f"layers/{name}/{stat}"] = values
         if layout.options.top_heatmaps:
