@@ -89,8 +89,8 @@ def chunk_data(layout: Layout, chunk: int, patterns: np.ndarray, seed: int) -> d
         labels,
         valid,
         layout.rows(chunk).start,
-        k=layout.options.tables_k,
-        k_class=layout.options.class_tables_k,
+        k=layout.options.table_size,
+        k_class=layout.options.class_table_size,
         entries=layout.class_entries,
         n_classes=classes,
     )
@@ -99,7 +99,7 @@ def chunk_data(layout: Layout, chunk: int, patterns: np.ndarray, seed: int) -> d
 
 
 def build_store(path: Path, n: int, concepts: int, classes: int, chunk: int, seed: int = 0):
-    layout = Layout(n, classes, {LAYER: (concepts, *SPATIAL)}, StoreOptions(chunk, tables_k=0))
+    layout = Layout(n, classes, {LAYER: (concepts, *SPATIAL)}, StoreOptions(chunk, table_size=0))
     patterns = np.random.default_rng(seed).gamma(0.3, size=(classes, concepts))
     group = create_or_resume(path, layout, {"model": "synthetic", "dataset": f"synthetic-{n}"})
     for i in range(layout.n_chunks):
@@ -160,12 +160,12 @@ def main() -> None:
             print(f"store written in {time.perf_counter() - start:.1f} s")
         work = {
             "reference_samples relevance-sum-normalised k=40": lambda s: reference_samples(
-                s, LAYER, k=40
+                s, LAYER, n_refs=40
             ),
             "reference_samples activation-max-raw k=40": lambda s: reference_samples(
-                s, LAYER, mode="activation", target="max", normalised=False, k=40
+                s, LAYER, mode="activation", pool="max", normalised=False, n_refs=40
             ),
-            "class_statistics k=8": lambda s: class_statistics(s, LAYER, k=8),
+            "class_statistics k=8": lambda s: class_statistics(s, LAYER, n_refs=8),
             "concept_similarity relevance": lambda s: concept_similarity(s, LAYER),
             "concept_similarity activation-max": lambda s: concept_similarity(
                 s, LAYER, mode="activation", target="max"

@@ -40,7 +40,7 @@ def main() -> None:
     )
     layers = ["features.12", "features.8"]
     options = {
-        "no tables": StoreOptions(chunk=args.chunk, tables_k=0, class_tables_k=0),
+        "no tables": StoreOptions(chunk=args.chunk, table_size=0, class_table_size=0),
         "tables": StoreOptions(chunk=args.chunk),
         "tables + maps": StoreOptions(chunk=args.chunk, maps=True),
     }

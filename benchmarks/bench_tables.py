@@ -64,7 +64,7 @@ def chunk_arrays(layout: Layout, chunk: int, rng: np.random.Generator) -> dict[s
 
 def layout_for(args, classes: int) -> Layout:
     layers = {f"layer{i}": (args.concepts, 14, 14) for i in range(args.layers)}
-    options = StoreOptions(chunk=args.rows, tables_k=args.k, class_tables_k=args.k_class)
+    options = StoreOptions(chunk=args.rows, table_size=args.k, class_table_size=args.k_class)
     return Layout(max(args.chunks, 1) * args.rows, classes, layers, options)
 
 

@@ -49,7 +49,7 @@ def main() -> None:
         2 * len(concepts), args.k, figsize=(1.3 * args.k, 2.7 * len(concepts)), squeeze=False
     )
     for mode_row, mode in enumerate(KINDS):
-        table = reference_samples(store, layer, mode=mode, k=args.k)
+        table = reference_samples(store, layer, mode=mode, n_refs=args.k)
         found = localise_references(study, table, concepts=concepts)
         for j, concept in enumerate(concepts):
             row = axes[2 * j + mode_row]

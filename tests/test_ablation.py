@@ -118,7 +118,7 @@ def test_relevance_order_falls_fastest_in_the_concept_world(tmp_path, layer):
         [layer],
         path,
         dataset_description="world",
-        explain="prediction",
+        target="prediction",
         progress=False,
         options=StoreOptions(chunk=64),
     )

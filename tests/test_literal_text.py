@@ -161,7 +161,7 @@ def test_class_names_with_dollars_go_through_explain_and_the_atlas(tmp_path, mon
         "explain.indices=[0,3,6,9]",
         "concepts.layers=[features.12]",
         "store.chunk=9",
-        "mining.k=3",
+        "mining.n_refs=3",
         "mining.concepts=2",
         "mining.prototypes=1",
         "mining.clusters=2",

@@ -20,7 +20,7 @@ CONCEPTS = [0, 5, 11]
 
 
 def localise(analyzer, dataset, store, mode="relevance", **options):
-    table = reference_samples(store, "conv2", mode=mode, k=3)
+    table = reference_samples(store, "conv2", mode=mode, n_refs=3)
     study = Study(store, analyzer, dataset, STORE_DESCRIPTION)
     return localise_references(study, table, concepts=CONCEPTS, **options)
 
@@ -140,9 +140,9 @@ def test_a_model_or_dataset_other_than_the_stores_is_refused(fashion_model, data
 
 
 def test_bad_selection_is_refused(analyzer, dataset, store):
-    table = reference_samples(store, "conv2", k=3)
+    table = reference_samples(store, "conv2", n_refs=3)
     study = Study(store, analyzer, dataset, STORE_DESCRIPTION)
     with pytest.raises(ValueError, match="0..15"):
         localise_references(study, table, concepts=[16])
-    with pytest.raises(ValueError, match="k must be between 1 and"):
-        localise_references(study, table, k=4)
+    with pytest.raises(ValueError, match="n_refs must be between 1 and"):
+        localise_references(study, table, n_refs=4)

@@ -8,10 +8,10 @@ import pytest
 from crp_toolkit.mining import reference_samples
 
 
-def brute_force(store, layer, mode, target, normalised, k, classes=None):
+def brute_force(store, layer, mode, pool, normalised, k, classes=None):
     if mode == "relevance":
-        scores = store.layer(layer, "relevance" if target == "sum" else "rel_max")[:]
-    elif target == "max":
+        scores = store.layer(layer, "relevance" if pool == "sum" else "rel_max")[:]
+    elif pool == "max":
         scores = store.layer(layer, "act_max")[:]
     else:
         scores = store.layer(layer, "act_mean")[:] * (144 if layer == "conv2" else 1)
@@ -28,18 +28,18 @@ def brute_force(store, layer, mode, target, normalised, k, classes=None):
 
 @pytest.mark.parametrize("layer", ["conv2", "linear1"])
 @pytest.mark.parametrize("mode", ["relevance", "activation"])
-@pytest.mark.parametrize("target", ["sum", "max"])
+@pytest.mark.parametrize("pool", ["sum", "max"])
 @pytest.mark.parametrize("normalised", [True, False])
-def test_reference_samples_equal_brute_force(store, layer, mode, target, normalised):
-    table = reference_samples(store, layer, mode=mode, target=target, normalised=normalised, k=7)
-    samples, scores = brute_force(store, layer, mode, target, normalised, 7)
+def test_reference_samples_equal_brute_force(store, layer, mode, pool, normalised):
+    table = reference_samples(store, layer, mode=mode, pool=pool, normalised=normalised, n_refs=7)
+    samples, scores = brute_force(store, layer, mode, pool, normalised, 7)
     np.testing.assert_array_equal(table.samples, samples)
     np.testing.assert_allclose(table.scores, scores, rtol=1e-12)
     assert 3 not in table.samples and 40 not in table.samples  # unreadable samples never count
 
 
 def test_reference_samples_per_class(store):
-    table = reference_samples(store, "conv2", classes=[2, 7], k=3)
+    table = reference_samples(store, "conv2", classes=[2, 7], n_refs=3)
     samples, _ = brute_force(store, "conv2", "relevance", "sum", True, 3, classes=[2, 7])
     np.testing.assert_array_equal(table.samples, samples)
     labels = store.samples("label")[:]
@@ -49,7 +49,7 @@ def test_reference_samples_per_class(store):
 def test_bad_arguments(store):
     with pytest.raises(ValueError, match="mode must be"):
         reference_samples(store, "conv2", mode="gradient")
-    with pytest.raises(ValueError, match="k must be"):
-        reference_samples(store, "conv2", k=0)
+    with pytest.raises(ValueError, match="n_refs must be"):
+        reference_samples(store, "conv2", n_refs=0)
     with pytest.raises(KeyError, match="holds"):
         reference_samples(store, "conv9")

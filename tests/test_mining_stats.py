@@ -33,7 +33,7 @@ def write_store(path, relevance, labels, valid, chunk, classes) -> Store:
     set equal to it)."""
     n, concepts = relevance.shape
     layout = Layout(
-        n, classes, {"feat": (concepts,)}, StoreOptions(chunk, tables_k=0, class_tables_k=0)
+        n, classes, {"feat": (concepts,)}, StoreOptions(chunk, table_size=0, class_table_size=0)
     )
     group = create_or_resume(path, layout, {"model": "synthetic"})
     for i in range(layout.n_chunks):
@@ -60,7 +60,7 @@ def valid_matrix(store, layer, stat="relevance", normalised=True):
 # -- class statistics --------------------------------------------------------------------------
 @pytest.mark.parametrize("layer", ["conv2", "linear1"])
 def test_class_statistics_equal_brute_force(store, layer):
-    stats = class_statistics(store, layer, k=3)
+    stats = class_statistics(store, layer, n_refs=3)
     X, _, labels = valid_matrix(store, layer)
     for cls in range(10):
         rows = X[labels == cls]
@@ -72,7 +72,7 @@ def test_class_statistics_equal_brute_force(store, layer):
 
 
 def test_top_classes_and_concepts_rank_by_the_statistics(store):
-    stats = class_statistics(store, "conv2", k=3)
+    stats = class_statistics(store, "conv2", n_refs=3)
     for concept in range(stats.usage.shape[0]):
         best = top_classes(stats, concept, 3)
         assert np.all(np.diff(stats.usage[concept, best]) <= 0)
@@ -84,12 +84,12 @@ def test_top_classes_and_concepts_rank_by_the_statistics(store):
 
 
 def test_statistics_round_trip_through_the_store(store):
-    stats = class_statistics(store, "linear1", k=2)
+    stats = class_statistics(store, "linear1", n_refs=2)
     name = save_result(store, stats)
     back = load_result(store, ClassStatistics, name)
     for field in ("usage", "relevance", "counts"):
         np.testing.assert_array_equal(getattr(back, field), getattr(stats, field))
-    assert (back.layer, back.k, back.mode) == ("linear1", 2, "relevance")
+    assert (back.layer, back.n_refs, back.mode) == ("linear1", 2, "relevance")
     stored = zarr.open_group(store.path, mode="r")[f"derived/{name}/usage"]
     assert stored.metadata.dimension_names == ("concept", "class")
 
@@ -97,9 +97,7 @@ def test_statistics_round_trip_through_the_store(store):
 # -- similarity --------------------------------------------------------------------------------
 @pytest.mark.parametrize(("mode", "stat"), [("relevance", "relevance"), ("activation", "act_max")])
 def test_cosine_equals_brute_force(store, mode, stat):
-    sim = concept_similarity(
-        store, "conv2", mode=mode, target="max" if stat == "act_max" else "sum"
-    )
+    sim = concept_similarity(store, "conv2", mode=mode, pool="max" if stat == "act_max" else "sum")
     X, _, _ = valid_matrix(store, "conv2", stat)
     unit = X / np.linalg.norm(X, axis=0)
     np.testing.assert_allclose(sim.cosine, unit.T @ unit, atol=1e-12)

@@ -20,7 +20,7 @@ SMALL = (
     "analysis.limit=120",
     "store.chunk=50",
     "explain.indices=[0,1]",
-    "mining.k=4",
+    "mining.n_refs=4",
     "mining.concepts=3",
     "mining.prototypes=2",
     "mining.clusters=3",
@@ -30,7 +30,7 @@ SMALL = (
     "atlas.concepts=2",
     "atlas.formats=[png,svg]",
     "evaluate.top=2",
-    "evaluate.k=4",
+    "evaluate.n_refs=4",
     "evaluate.watermark_top=4",
 )
 LAYERS = ("features.12", "features.8")
@@ -76,7 +76,7 @@ def test_run_writes_every_stage_and_records_its_config(run_dir):
         assert (figures / f"{stem}.svg").read_text().lstrip().startswith("<?xml")
     assert (run_dir / "atlas" / "index.html").is_file()
     config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
-    assert config["stage"] == "run" and config["mining"]["k"] == 4
+    assert config["stage"] == "run" and config["mining"]["n_refs"] == 4
 
 
 def test_mined_results_are_kept_in_the_store(run_dir):

@@ -66,7 +66,7 @@ def test_store_holds_what_direct_computation_gives(analyzer, fashion_data, tmp_p
     np.testing.assert_array_equal(store.samples("label")[:][keep], y[keep].numpy())
     np.testing.assert_array_equal(store.samples("prediction")[:][keep], fp.output.argmax(1))
     attrs = store.attrs
-    assert attrs["schema_version"] == 3 and attrs["provenance"]["explain"] == "label"
+    assert attrs["schema_version"] == 4 and attrs["provenance"]["target"] == "label"
     with pytest.raises(KeyError, match="holds"):
         store.layer("conv9")
 
@@ -259,7 +259,9 @@ def test_reference_samples_match_zennit_crp_feature_visualization(fashion_model,
     )
     fv.run(EpsilonPlus(), 0, len(data), batch_size=128, checkpoint=len(data))
     theirs, _, _ = load_maximization(fv.RelMax.PATH, "m.conv2")  # (40, channels)
-    ours = reference_samples(ct.store.open(path), "conv2", k=len(theirs))  # RelMax, sum, normed
+    ours = reference_samples(
+        ct.store.open(path), "conv2", n_refs=len(theirs)
+    )  # RelMax, sum, normed
     np.testing.assert_array_equal(ours.samples, np.asarray(theirs))
 
 

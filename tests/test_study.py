@@ -33,7 +33,7 @@ def test_fingerprints_are_checked_once_when_the_study_is_made(
     monkeypatch.setattr(study_module, "model_fingerprint", counted)
     made = Study(store, analyzer, dataset, STORE_DESCRIPTION)
     assert len(calls) == 1 and made.provenance == dict(store.attrs["provenance"])
-    table = reference_samples(store, "conv2", k=2)
+    table = reference_samples(store, "conv2", n_refs=2)
     localise_references(made, table, concepts=[0, 1], cache=False)
     localise_references(made, table, concepts=[2], cache=False)
     ablation_curves(made, "conv2", samples=4, steps=2, write=False)

@@ -58,10 +58,13 @@ def stores(analyzer, fashion_data, tmp_path_factory):
         analyzer,
         data,
         tmp / "t.zarr",
-        options=StoreOptions(chunk=10, tables_k=K, class_tables_k=K_CLASS),
+        options=StoreOptions(chunk=10, table_size=K, class_table_size=K_CLASS),
     )
     without = _analyze(
-        analyzer, data, tmp / "m.zarr", options=StoreOptions(chunk=10, tables_k=0, class_tables_k=0)
+        analyzer,
+        data,
+        tmp / "m.zarr",
+        options=StoreOptions(chunk=10, table_size=0, class_table_size=0),
     )
     return ct.store.open(with_tables), ct.store.open(without)
 
@@ -117,14 +120,14 @@ def test_ties_go_to_the_lower_sample(stores):
 def test_reference_samples_from_tables_equal_from_matrices(stores, layer):
     with_tables, without = stores
     for spec in SPECS:
-        options = {"mode": spec.mode, "target": spec.target, "normalised": spec.normalised}
+        options = {"mode": spec.mode, "pool": spec.pool, "normalised": spec.normalised}
         for k, classes in ((K, None), (5, None), (K_CLASS, [1, 7, 8]), (2, [0])):
-            a = reference_samples(with_tables, layer, k=k, classes=classes, **options)
-            b = reference_samples(without, layer, k=k, classes=classes, **options)
+            a = reference_samples(with_tables, layer, n_refs=k, classes=classes, **options)
+            b = reference_samples(without, layer, n_refs=k, classes=classes, **options)
             np.testing.assert_array_equal(a.samples, b.samples)
             np.testing.assert_array_equal(a.scores, b.scores)
-        a = class_references(with_tables, layer, k=K_CLASS, **options)
-        b = class_references(without, layer, k=K_CLASS, **options)
+        a = class_references(with_tables, layer, n_refs=K_CLASS, **options)
+        b = class_references(without, layer, n_refs=K_CLASS, **options)
         np.testing.assert_array_equal(a.samples, b.samples)
         np.testing.assert_array_equal(a.scores, b.scores)
 
@@ -132,7 +135,7 @@ def test_reference_samples_from_tables_equal_from_matrices(stores, layer):
 def test_class_references_equal_brute_force_beyond_the_stored_tables(stores):
     store, _ = stores
     labels = store.samples("label")[:]
-    table = class_references(store, "conv2", k=K_CLASS + 2)  # more than stored: from matrices
+    table = class_references(store, "conv2", n_refs=K_CLASS + 2)  # more than stored: from matrices
     values = brute_scores(store, "conv2", SPECS[0])
     assert table.samples.shape == (10, K_CLASS + 2, values.shape[1])
     for y in range(10):
@@ -161,7 +164,9 @@ def test_merge_of_tied_chunks_equals_a_stable_sort(n_classes, tmp_path, monkeypa
     stable sort of the whole matrix bit for bit, signed zeros included."""
     monkeypatch.setattr(tables, "MERGE_BUDGET", 1)
     rng = np.random.default_rng(n_classes)
-    layout = Layout(61, n_classes, {"l": (5,)}, StoreOptions(chunk=8, tables_k=6, class_tables_k=3))
+    layout = Layout(
+        61, n_classes, {"l": (5,)}, StoreOptions(chunk=8, table_size=6, class_table_size=3)
+    )
     stats = tied_statistics(rng, 61, 5)
     labels = rng.integers(0, n_classes, 61)
     valid = rng.random(61) < 0.8
@@ -205,27 +210,27 @@ def test_tables_off_and_merge_rules(stores, analyzer, fashion_data, tmp_path):
             analyzer,
             Images(x, y, broken=BROKEN),
             with_tables.path,
-            options=StoreOptions(chunk=10, tables_k=K + 1),
+            options=StoreOptions(chunk=10, table_size=K + 1),
         )
     partial = _analyze(
         analyzer,
         data,
         tmp_path / "p.zarr",
         shards=2,
-        options=StoreOptions(chunk=10, tables_k=4, class_tables_k=2),
+        options=StoreOptions(chunk=10, table_size=4, class_table_size=2),
     )
     assert not ct.store.open(partial).complete
     with pytest.raises(ValueError, match="not complete"):
         merge_tables(partial)
     with pytest.raises(ValueError, match="at least 0"):
-        _analyze(analyzer, data, tmp_path / "bad.zarr", options=StoreOptions(tables_k=-1))
+        _analyze(analyzer, data, tmp_path / "bad.zarr", options=StoreOptions(table_size=-1))
 
 
 def test_top_logits_replace_the_logits(analyzer, fashion_data, tmp_path):
     x, y = fashion_data
     data = Images(x[:24], y[:24], broken={5})
     store = ct.store.open(
-        _analyze(analyzer, data, tmp_path / "l.zarr", options=StoreOptions(chunk=16, logits_k=3))
+        _analyze(analyzer, data, tmp_path / "l.zarr", options=StoreOptions(chunk=16, keep_logits=3))
     )
     assert "samples/logits" not in store.group and store.classes == 10
     keep = np.flatnonzero(store.samples("valid")[:])
@@ -235,21 +240,23 @@ def test_top_logits_replace_the_logits(analyzer, fashion_data, tmp_path):
     np.testing.assert_allclose(store.samples("top_logits")[:][keep], best.values[:, :3], rtol=1e-6)
     assert store.samples("top_logits").metadata.dimension_names == ("sample", "rank")
     full = ct.store.open(
-        _analyze(analyzer, data, tmp_path / "f.zarr", options=StoreOptions(chunk=16, logits_k=10))
+        _analyze(
+            analyzer, data, tmp_path / "f.zarr", options=StoreOptions(chunk=16, keep_logits=10)
+        )
     )
-    assert full.samples("logits").shape == (24, 10)  # not more classes than logits_k: all kept
+    assert full.samples("logits").shape == (24, 10)  # not more classes than keep_logits: all kept
 
 
-@pytest.mark.parametrize("explain", ["label", "prediction"])
-def test_top_heatmaps_equal_cond_attribution(analyzer, fashion_data, tmp_path, explain):
+@pytest.mark.parametrize("target", ["label", "prediction"])
+def test_top_heatmaps_equal_cond_attribution(analyzer, fashion_data, tmp_path, target):
     x, y = fashion_data
     data = Images(x[:12], y[:12], broken={4})
     path = _analyze(
         analyzer,
         data,
         tmp_path / "h.zarr",
-        explain=explain,
-        options=StoreOptions(chunk=8, top_heatmaps=3, tables_k=0),
+        target=target,
+        options=StoreOptions(chunk=8, top_heatmaps=3, table_size=0),
     )
     store = ct.store.open(path)
     attr = ct.CondAttribution(analyzer)
@@ -261,8 +268,8 @@ def test_top_heatmaps_equal_cond_attribution(analyzer, fashion_data, tmp_path, e
         relevance = store.layer(layer)[:]
         expected = np.argsort(-relevance, axis=1, kind="stable")[:, :3]
         np.testing.assert_array_equal(concepts[keep], expected[keep])
-        target = store.samples("label" if explain == "label" else "prediction")[:]
+        explained = store.samples(target)[:]
         for i in keep[::3]:
-            conditions = [{"y": int(target[i]), layer: [int(c)]} for c in concepts[i]]
+            conditions = [{"y": int(explained[i]), layer: [int(c)]} for c in concepts[i]]
             direct = attr(x[i : i + 1], conditions).heatmaps
             np.testing.assert_allclose(heatmaps[i], direct.numpy(), rtol=1e-2, atol=1e-4)

@@ -33,7 +33,7 @@ def analyze(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
         store,
         dataset_description=loaded.description,
         options=StoreOptions(**{f.name: cfg.store[f.name] for f in fields(StoreOptions)}),
-        explain=cfg.analysis.explain,
+        target=cfg.analysis.target,
         device=cfg.device,
         loader_options=dict(cfg.loader),
         config=config,

@@ -211,8 +211,8 @@ def input_figures(cfg: DictConfig, study: Study, folder: Path, style: FigureStyl
     table = reference_samples(
         store,
         layer,
-        k=min(cfg.mining.k, 6),
-        target=cfg.mining.target,
+        n_refs=min(cfg.mining.n_refs, 6),
+        pool=cfg.mining.pool,
         normalised=cfg.mining.normalised,
     )
     ids = sorted({int(c) for c in concepts.features.flatten()})

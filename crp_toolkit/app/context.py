@@ -125,7 +125,9 @@ def open_store(cfg: DictConfig, out: Path) -> ct.store.Store:
             f"the store at {path} is unfinished ({len(incomplete)} units: {listed}): run "
             "`crp-toolkit analyze` again with the same store.path to finish it"
         )
-    if (store.attrs["k"] or store.attrs["k_class"]) and not store.attrs.get("tables_merged"):
+    if (store.attrs["table_size"] or store.attrs["class_table_size"]) and not store.attrs.get(
+        "tables_merged"
+    ):
         if merge_when_complete(path):  # an earlier merge was interrupted: finish it
             log.info("merged the reference tables of %s (an earlier merge did not finish)", path)
             store = ct.store.open(path)

@@ -35,7 +35,7 @@ def evaluate(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
             study,
             stats,
             top=cfg.evaluate.top,
-            k=cfg.evaluate.k,
+            n_refs=cfg.evaluate.n_refs,
             watermark_top=cfg.evaluate.watermark_top,
         )
         tables.append(f"## {layer}\n\n{scores.markdown(names)}\n")

@@ -80,7 +80,7 @@ def mine_layer(
     """A layer's mining results by the ``mining`` config, kept in the store. With ``reuse``,
     results the store already holds for the same settings (their key) are read back instead.
     With ``progress``, bars of the references localised (when not cached) on stderr."""
-    store, scoring = study.store, {"target": m.target, "normalised": m.normalised}
+    store, scoring = study.store, {"pool": m.pool, "normalised": m.normalised}
 
     def kept(kind, name: str, compute, **settings):
         found = load_result(store, kind, name, settings) if reuse else None
@@ -92,8 +92,8 @@ def mine_layer(
     stats = kept(
         ClassStatistics,
         f"statistics/{layer}",
-        lambda: class_statistics(store, layer, k=m.k, **scoring),
-        k=m.k,
+        lambda: class_statistics(store, layer, n_refs=m.n_refs, **scoring),
+        n_refs=m.n_refs,
         **scoring,
     )
     clusters = min(m.clusters, store.layer(layer).shape[1])
@@ -115,7 +115,7 @@ def mine_layer(
     refs = [
         localise_references(  # cached in the store by everything that fixes them
             study,
-            reference_samples(store, layer, mode=mode, k=m.k, **scoring),
+            reference_samples(store, layer, mode=mode, n_refs=m.n_refs, **scoring),
             concepts=concepts,
             progress=progress,
         )

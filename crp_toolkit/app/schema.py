@@ -58,7 +58,7 @@ StoreConfig = make_dataclass(
 
 @dataclass
 class AnalysisConfig:
-    explain: str = "label"  # explain each sample's label, or its "prediction"
+    target: str = "label"  # the class explained per sample: its label, or the "prediction"
     limit: int | None = None
     shard: int = 0  # this job's shard (a Hydra multirun sweeps it); torchrun sets it per rank
     shards: int = 1
@@ -66,8 +66,8 @@ class AnalysisConfig:
 
 @dataclass
 class MiningConfig:
-    k: int = 8  # reference samples per concept
-    target: str = "sum"  # relevance (activation) summed over space, or its "max"
+    n_refs: int = 8  # reference samples per concept
+    pool: str = "sum"  # relevance (activation) summed over space, or its "max"
     normalised: bool = True
     concepts: int | None = 16  # concepts per layer given localised references (null: all)
     prototypes: int = 3  # Gaussian mixture components per class (PCX)
@@ -93,7 +93,7 @@ class AtlasConfig:
 @dataclass
 class EvaluateConfig:
     top: int = 3  # most relevant concepts scored per class
-    k: int = 8  # references per concept
+    n_refs: int = 8  # reference samples per concept
     watermark_top: int = 16  # concepts of the watermark's class searched for the watermark
 
 
@@ -141,8 +141,8 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"loader.num_workers={cfg.loader.num_workers} must be at least 0")
     if cfg.loader.on_error not in ("skip", "fail"):
         problems.append(f"loader.on_error={cfg.loader.on_error!r} must be 'skip' or 'fail'")
-    if cfg.analysis.explain not in ("label", "prediction"):
-        problems.append(f"analysis.explain={cfg.analysis.explain!r} must be label or prediction")
+    if cfg.analysis.target not in ("label", "prediction"):
+        problems.append(f"analysis.target={cfg.analysis.target!r} must be label or prediction")
     problems += _store_path_problems(cfg)
     if problems:
         raise ValueError("bad config: " + "; ".join(problems))

@@ -166,11 +166,11 @@ def score_discovery(
     stats: ClassStatistics,
     *,
     top: int = 3,
-    k: int = 8,
+    n_refs: int = 8,
     watermark_top: int = 16,
 ) -> DiscoveryScores:
     """Score the ``top`` most relevant concepts of every class (by ``stats``, a layer's class
-    statistics; ``watermark_top`` of the watermark's class) through their ``k`` RelMax and
+    statistics; ``watermark_top`` of the watermark's class) through their ``n_refs`` RelMax and
     ActMax references, localised on the store's samples; see the module docstring."""
     dataset = study.dataset
     if not has_ground_truth(dataset):
@@ -190,9 +190,9 @@ def score_discovery(
             study.store,
             stats.layer,
             mode=mode,
-            target=stats.target,
+            pool=stats.pool,
             normalised=stats.normalised,
-            k=k,
+            n_refs=n_refs,
         )
         found = localise_references(study, table, concepts=chosen)
         matches = matches_by_mode[mode] = _match_all(found, dataset)

@@ -40,17 +40,17 @@ class LocalisedReferences:
     """Reference samples of ``concepts`` of ``layer``, localised; entry ``[r, j]`` belongs to
     the r-th reference of concept ``concepts[j]``.
 
-    ``samples``/``classes`` (k, n): sample ids and the class explained for them;
-    ``positions`` (k, n, spatial axes of the layer): the concept's maximal neuron;
-    ``heatmaps`` (k, n, H, W): conditional heatmaps; ``boxes``/``windows`` (k, n, 4):
+    ``samples``/``classes`` (n_refs, n): sample ids and the class explained for them;
+    ``positions`` (n_refs, n, spatial axes of the layer): the concept's maximal neuron;
+    ``heatmaps`` (n_refs, n, H, W): conditional heatmaps; ``boxes``/``windows`` (n_refs, n, 4):
     receptive field and crop window as (y0, y1, x0, x1), half-open; ``crops``
-    (k, n, C, S, S) and ``dimmed`` (k, n, C, H, W), float16 images for display.
+    (n_refs, n, C, S, S) and ``dimmed`` (n_refs, n, C, H, W), float16 images for display.
     ``from_cache``: read back from the store.
     """
 
     layer: str
     mode: str
-    target: str
+    pool: str
     normalised: bool
     concepts: np.ndarray
     samples: np.ndarray
@@ -83,27 +83,27 @@ def localise_references(
     references: ReferenceTable,
     *,
     concepts: Sequence[int] | None = None,
-    k: int | None = None,
+    n_refs: int | None = None,
     view: ViewOptions = ViewOptions(),
     batch_size: int = 32,
     cache: bool = True,
     progress: bool = False,
 ) -> LocalisedReferences:
-    """Localise the ``k`` best references (all rows of the table by default) of ``concepts``
+    """Localise the ``n_refs`` best references (all rows of the table by default) of ``concepts``
     (all by default) of the table's layer, as described in the module docstring. With
     ``cache``, a result computed before for the same key is read back from the store, and a
     new one is written there. With ``progress``, a bar of the references done on stderr."""
-    ids, samples = _selection(references, concepts, k)
+    ids, samples = _selection(references, concepts, n_refs)
     meta = {
         "layer": references.layer,
         "mode": references.mode,
-        "target": references.target,
+        "pool": references.pool,
         "normalised": references.normalised,
     }
     key = {
         **study.key,
         **meta,
-        "k": int(samples.shape[0]),
+        "n_refs": int(samples.shape[0]),
         "concepts": ids.tolist(),
         "samples": hashlib.sha256(samples.astype(np.int64).tobytes()).hexdigest()[:20],
         "view": asdict(view),
@@ -128,7 +128,7 @@ def _localise(
     batch_size: int,
     progress: bool,
 ) -> dict[str, np.ndarray]:
-    """The arrays of :class:`LocalisedReferences` for concepts ``ids`` and their (k, n)
+    """The arrays of :class:`LocalisedReferences` for concepts ``ids`` and their (n_refs, n)
     reference ``samples``, computed."""
     images = study.images(samples.ravel())
     if images.dim() != 4:
@@ -205,9 +205,9 @@ def conditional_maps(
 
 
 def _selection(
-    references: ReferenceTable, concepts: Sequence[int] | None, k: int | None
+    references: ReferenceTable, concepts: Sequence[int] | None, n_refs: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Concept ids and their (k, n) reference samples, checked against the table."""
+    """Concept ids and their (n_refs, n) reference samples, checked against the table."""
     available = references.samples.shape[1]
     ids = np.arange(available) if concepts is None else np.asarray(list(concepts), np.int64)
     bad = [int(i) for i in ids if not 0 <= i < available]
@@ -217,10 +217,10 @@ def _selection(
             f"in 0..{available - 1}"
         )
     rows = references.samples.shape[0]
-    k = rows if k is None else k
-    if not 1 <= k <= rows:
-        raise ValueError(f"k must be between 1 and the table's {rows} references, got {k}")
-    return ids, references.samples[:k, ids].astype(np.int64)
+    n = rows if n_refs is None else n_refs
+    if not 1 <= n <= rows:
+        raise ValueError(f"n_refs must be between 1 and the table's {rows} references, got {n}")
+    return ids, references.samples[:n, ids].astype(np.int64)
 
 
 def _unravel(flat: np.ndarray, spatial: tuple[int, ...]) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 from crp_toolkit.store.results import read_result
 from crp_toolkit.store.tables import (
     MODES,
-    TARGETS,
+    POOLS,
     Spec,
     class_candidates,
     class_of,
@@ -28,7 +28,7 @@ from crp_toolkit.store.zarr_store import Store
 
 __all__ = [
     "MODES",
-    "TARGETS",
+    "POOLS",
     "ClassReferenceTable",
     "ReferenceTable",
     "ScoreChunk",
@@ -46,7 +46,7 @@ class ReferenceTable:
 
     layer: str
     mode: str
-    target: str
+    pool: str
     normalised: bool
     samples: np.ndarray
     scores: np.ndarray
@@ -59,7 +59,7 @@ class ClassReferenceTable:
 
     layer: str
     mode: str
-    target: str
+    pool: str
     normalised: bool
     samples: np.ndarray
     scores: np.ndarray
@@ -124,9 +124,9 @@ def _fold_chunks(store: Store, layer: str, spec: Spec, reduce, wanted=None):
     return best
 
 
-def _check_k(k: int) -> None:
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+def _check_n_refs(n_refs: int) -> None:
+    if n_refs < 1:
+        raise ValueError(f"n_refs must be at least 1, got {n_refs}")
 
 
 def _stored(store: Store, name: str, size: str, k: int):
@@ -140,11 +140,11 @@ def _stored_top(store: Store, layer: str, spec: Spec, k: int, wanted: np.ndarray
     classes' tables (exact when k <= k_class: the top k of a union lies in its parts' top k);
     None when they do not hold enough."""
     if wanted is None:
-        found = _stored(store, table_name(layer, spec), "k", k)
+        found = _stored(store, table_name(layer, spec), "table_size", k)
         return None if found is None else (found["samples"][:k], found["scores"][:k])
     if not np.all((wanted >= 0) & (wanted < store.classes)):
         return None  # labels outside the model's classes: only the matrices know them
-    found = _stored(store, class_table_name(layer, spec), "k_class", k)
+    found = _stored(store, class_table_name(layer, spec), "class_table_size", k)
     if found is None:
         return None
     concepts = found["samples"].shape[2]
@@ -157,24 +157,24 @@ def reference_samples(
     layer: str,
     *,
     mode: str = "relevance",
-    target: str = "sum",
+    pool: str = "sum",
     normalised: bool = True,
-    k: int = 40,
+    n_refs: int = 40,
     classes: Iterable[int] | None = None,
 ) -> ReferenceTable:
-    """The ``k`` best samples of every concept of ``layer`` (among ``classes`` only, if
+    """The ``n_refs`` best samples of every concept of ``layer`` (among ``classes`` only, if
     given); samples that could not be read never count. Rows where some concept has fewer
     than that many samples are dropped."""
-    spec = Spec(mode, target, normalised)
-    _check_k(k)
+    spec = Spec(mode, pool, normalised)
+    _check_n_refs(n_refs)
     store.layer(layer)  # an unknown layer fails here, naming the stored ones
     wanted = None if classes is None else np.array(sorted(set(classes)), dtype=np.int64)
-    found = _stored_top(store, layer, spec, k, wanted)
+    found = _stored_top(store, layer, spec, n_refs, wanted)
     if found is None:
-        found = _fold_chunks(store, layer, spec, lambda s, v: top_k(s, v, k), wanted)
+        found = _fold_chunks(store, layer, spec, lambda s, v: top_k(s, v, n_refs), wanted)
     samples, values = found
     rows = np.isfinite(values).all(1)
-    return ReferenceTable(layer, mode, target, normalised, samples[rows], values[rows])
+    return ReferenceTable(layer, mode, pool, normalised, samples[rows], values[rows])
 
 
 def class_references(
@@ -182,17 +182,19 @@ def class_references(
     layer: str,
     *,
     mode: str = "relevance",
-    target: str = "sum",
+    pool: str = "sum",
     normalised: bool = True,
-    k: int = 8,
+    n_refs: int = 8,
 ) -> ClassReferenceTable:
-    """Per class (by label), the ``k`` best samples of every concept of ``layer``: samples and
-    scores shaped (class, k, concept). From the merged per-class tables when they hold k,
-    otherwise computed out of core from the score matrices (vectorised over classes)."""
-    spec = Spec(mode, target, normalised)
-    _check_k(k)
+    """Per class (by label), the ``n_refs`` best samples of every concept of ``layer``:
+    samples and scores shaped (class, n_refs, concept). From the merged per-class tables when
+    they hold that many, otherwise computed out of core from the score matrices (vectorised
+    over classes)."""
+    spec = Spec(mode, pool, normalised)
+    _check_n_refs(n_refs)
+    k = n_refs
     store.layer(layer)
-    found = _stored(store, class_table_name(layer, spec), "k_class", k)
+    found = _stored(store, class_table_name(layer, spec), "class_table_size", k)
     if found is not None:
         samples, values = found["samples"][:, :k], found["scores"][:, :k]
     else:
@@ -203,4 +205,4 @@ def class_references(
 
         s, v = _fold_chunks(store, layer, spec, reduce)
         samples, values = class_table(s, v, class_of(labels, s), k, n)
-    return ClassReferenceTable(layer, mode, target, normalised, samples, values)
+    return ClassReferenceTable(layer, mode, pool, normalised, samples, values)

@@ -26,7 +26,7 @@ class ConceptSimilarity:
 
     layer: str
     mode: str
-    target: str
+    pool: str
     normalised: bool
     cosine: np.ndarray
     cluster: np.ndarray
@@ -47,11 +47,11 @@ class ConceptSimilarity:
         return f"similarity/{self.layer}/{self.mode}"
 
 
-def gram(store: Store, layer: str, *, mode: str, target: str, normalised: bool) -> np.ndarray:
+def gram(store: Store, layer: str, *, mode: str, pool: str, normalised: bool) -> np.ndarray:
     """S^T S for the (samples x concepts) score matrix S, one chunk at a time."""
     concepts = store.layer(layer).shape[1]
     total = np.zeros((concepts, concepts))
-    for part in score_chunks(store, layer, Spec(mode, target, normalised)):
+    for part in score_chunks(store, layer, Spec(mode, pool, normalised)):
         total += part.scores.T @ part.scores
     return total
 
@@ -71,17 +71,17 @@ def concept_similarity(
     layer: str,
     *,
     mode: str = "relevance",
-    target: str = "sum",
+    pool: str = "sum",
     normalised: bool = True,
     n_clusters: int = 8,
 ) -> ConceptSimilarity:
     """Cosine similarity of the concepts of ``layer`` over all readable samples, their
-    clusters and a 2-D map. ``mode``/``target``/``normalised`` choose the profile as in
+    clusters and a 2-D map. ``mode``/``pool``/``normalised`` choose the profile as in
     ``reference_samples``."""
     concepts = store.layer(layer).shape[1]
     if not 1 <= n_clusters <= concepts:
         raise ValueError(f"n_clusters must be between 1 and the {concepts} concepts of {layer!r}")
-    cosine = cosine_from_gram(gram(store, layer, mode=mode, target=target, normalised=normalised))
+    cosine = cosine_from_gram(gram(store, layer, mode=mode, pool=pool, normalised=normalised))
     tree = AgglomerativeClustering(
         n_clusters=n_clusters,
         metric="precomputed",
@@ -95,7 +95,7 @@ def concept_similarity(
     return ConceptSimilarity(
         layer,
         mode,
-        target,
+        pool,
         normalised,
         cosine,
         tree.labels_,

@@ -67,16 +67,16 @@ def load_result(store: Store, kind: type[R], name: str, key: Mapping | None = No
 class ClassStatistics:
     """How a layer's concepts and the classes relate.
 
-    ``usage[c, y]``: the mean of class y's ``k`` best scores of concept c (by ``mode`` and
-    ``target``); ``relevance[y, c]``: the mean (normalised) relevance of concept c over class
+    ``usage[c, y]``: the mean of class y's ``n_refs`` best scores of concept c (by ``mode`` and
+    ``pool``); ``relevance[y, c]``: the mean (normalised) relevance of concept c over class
     y's samples; ``counts[y]``: class y's readable samples.
     """
 
     layer: str
     mode: str
-    target: str
+    pool: str
     normalised: bool
-    k: int
+    n_refs: int
     usage: np.ndarray
     relevance: np.ndarray
     counts: np.ndarray
@@ -109,21 +109,24 @@ def class_statistics(
     layer: str,
     *,
     mode: str = "relevance",
-    target: str = "sum",
+    pool: str = "sum",
     normalised: bool = True,
-    k: int = 8,
+    n_refs: int = 8,
 ) -> ClassStatistics:
-    """The class statistics of ``layer``: concept usage per class from each class's top-``k``
-    reference scores, and each class's mean concept relevance. Classes without samples get NaN.
-    With ``k`` up to the store's merged per-class tables (``k_class``) the score matrix is read
-    once; otherwise ``class_references`` scans it too."""
-    table = class_references(store, layer, mode=mode, target=target, normalised=normalised, k=k)
-    found = np.isfinite(table.scores)  # -inf: the class has fewer than k samples
+    """The class statistics of ``layer``: concept usage per class from each class's
+    top-``n_refs`` reference scores, and each class's mean concept relevance. Classes without
+    samples get NaN. With ``n_refs`` up to the store's merged per-class tables
+    (``class_table_size``) the score matrix is read once; otherwise ``class_references`` scans
+    it too."""
+    table = class_references(
+        store, layer, mode=mode, pool=pool, normalised=normalised, n_refs=n_refs
+    )
+    found = np.isfinite(table.scores)  # -inf: the class has fewer than n_refs samples
     sums, counts = class_relevance(store, layer, normalised=normalised)
     with np.errstate(invalid="ignore", divide="ignore"):
         usage = (np.where(found, table.scores, 0).sum(1) / found.sum(1)).T
         relevance = sums / counts[:, None]
-    return ClassStatistics(layer, mode, target, normalised, k, usage, relevance, counts)
+    return ClassStatistics(layer, mode, pool, normalised, n_refs, usage, relevance, counts)
 
 
 def top_classes(stats: ClassStatistics, concept: int, n: int = 5) -> np.ndarray:

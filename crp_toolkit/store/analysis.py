@@ -89,16 +89,16 @@ def top_concept_heatmaps(
 
 
 def analyze_batch(
-    analyzer: LRP, x: Tensor, labels: Tensor, layout: Layout, explain: str
+    analyzer: LRP, x: Tensor, labels: Tensor, layout: Layout, target: str
 ) -> dict[str, np.ndarray]:
     """One batch (one forward, one backward down to the lowest layer; with ``top_heatmaps``
     one more forward and the conditional passes): store arrays by path (samples/...,
     layers/...)."""
     layers = list(layout.layers)
-    target = labels.to(x.device) if explain == "label" else None  # None: the prediction
-    expl = analyzer(x, target, record=layers, to_input=False)
+    classes = labels.to(x.device) if target == "label" else None  # None: the prediction
+    expl = analyzer(x, classes, record=layers, to_input=False)
     if layout.top_logits:
-        logits = top_logits(expl.output, layout.options.logits_k)
+        logits = top_logits(expl.output, layout.options.keep_logits)
     else:
         logits = {"samples/logits": expl.output.float().cpu().numpy()}
     out = {
@@ -125,12 +125,12 @@ def analyze_batch(
 
 
 def analyze_chunk(
-    analyzer: LRP, x: Tensor, labels: Tensor, layout: Layout, explain: str, batch_size: int
+    analyzer: LRP, x: Tensor, labels: Tensor, layout: Layout, target: str, batch_size: int
 ) -> dict[str, np.ndarray]:
     """``analyze_batch`` over a chunk's images ``batch_size`` at a time (a chunk is the unit
     written to the store; the batch bounds the memory of one pass)."""
     parts = [
-        analyze_batch(analyzer, x[s : s + batch_size], labels[s : s + batch_size], layout, explain)
+        analyze_batch(analyzer, x[s : s + batch_size], labels[s : s + batch_size], layout, target)
         for s in range(0, len(x), batch_size)
     ]
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
@@ -147,8 +147,8 @@ def layer_tables(layout: Layout, chunk: int, arrays: Mapping[str, np.ndarray]):
             arrays["samples/label"],
             arrays["samples/valid"],
             layout.rows(chunk).start,
-            k=layout.options.tables_k,
-            k_class=layout.options.class_tables_k,
+            k=layout.options.table_size,
+            k_class=layout.options.class_table_size,
             entries=layout.class_entries,
             n_classes=layout.classes,
         )
@@ -191,15 +191,15 @@ def _damaged(path: Path, units: list[int], progress: bool) -> dict[int, list[str
     return found
 
 
-def _check_pass(dataset: Dataset, layers: Sequence[str], explain: str, shard, shards) -> None:
+def _check_pass(dataset: Dataset, layers: Sequence[str], target: str, shard, shards) -> None:
     """Refuse a pass that cannot run, before the store exists."""
     _positive(shards=shards)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: check its path (and analysis.limit)")
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} out of range for {shards} shards")
-    if explain not in ("label", "prediction"):
-        raise ValueError(f"explain must be 'label' or 'prediction', got {explain!r}")
+    if target not in ("label", "prediction"):
+        raise ValueError(f"target must be 'label' or 'prediction', got {target!r}")
     if not layers:
         raise ValueError("give at least one layer to analyse (concepts.layers)")
 
@@ -244,7 +244,7 @@ def analyze_dataset(
     *,
     dataset_description: str,
     options: StoreOptions = StoreOptions(),
-    explain: str = "label",
+    target: str = "label",
     device: str = "cpu",
     loader_options: dict | None = None,
     config: dict | None = None,
@@ -254,7 +254,9 @@ def analyze_dataset(
     class_names: Sequence[str] = (),
 ) -> AnalysisReport:
     """Run the analysis pass into the store at ``path`` (created, or resumed), holding what
-    ``options`` says (:class:`StoreOptions`); ``class_names`` label its class coordinate. With
+    ``options`` says (:class:`StoreOptions`); ``class_names`` label its class coordinate;
+    ``target`` is the class explained per sample, its ``"label"`` or the model's
+    ``"prediction"``. With
     ``shards > 1`` this process does the chunks ``c`` with ``c % shards == shard``; shards may
     run at the same time (each writes only its own chunks). A chunk is read whole (one loader
     for all chunks, ``loader_options`` its settings) and explained ``loader_options["batch_size"]``
@@ -267,12 +269,12 @@ def analyze_dataset(
     batch_size = loader.pop("batch_size", None)
     batch_size = options.chunk if batch_size is None else batch_size  # None: a chunk at once
     _positive(batch_size=batch_size)
-    _check_pass(dataset, layers, explain, shard, shards)
+    _check_pass(dataset, layers, target, shard, shards)
     on_error = loader.get("on_error", "skip")
     if on_error not in ("skip", "fail"):
         raise ValueError(f"loader.on_error must be 'skip' or 'fail', got {on_error!r}")
     layout = probe_layout(analyzer, dataset, layers, options, device, class_names)
-    provenance = make_provenance(analyzer, dataset, dataset_description, explain, config)
+    provenance = make_provenance(analyzer, dataset, dataset_description, target, config)
     group = create_or_resume(path, layout, provenance)
     path = Path(path).resolve()
     mine = range(shard, layout.n_chunks, shards)
@@ -282,7 +284,7 @@ def analyze_dataset(
         group["progress/done"][c] = False
     todo = [c for c in mine if c not in finished or c in damaged]
     chunks = grouped(dataset, [layout.rows(c) for c in todo], classes=layout.classes, **loader)
-    work = partial(analyze_chunk, analyzer, layout=layout, explain=explain, batch_size=batch_size)
+    work = partial(analyze_chunk, analyzer, layout=layout, target=target, batch_size=batch_size)
     skipped = _write_chunks(group, layout, todo, chunks, work, device, progress)
     if options.tables and not merge_when_complete(path):
         report_unmerged(path)

@@ -27,14 +27,14 @@ def output_relevance(analyzer: LRP) -> str:
 
 
 def make_provenance(
-    analyzer: LRP, dataset: Dataset, description: str, explain: str, config: dict | None = None
+    analyzer: LRP, dataset: Dataset, description: str, target: str, config: dict | None = None
 ) -> dict:
     """What a store records of how it was made (fingerprints, composite, explained class)."""
     return {
         "model": model_fingerprint(analyzer.model),
         "dataset": dataset_fingerprint(dataset, description),
         "composite": repr(analyzer.composite),
-        "explain": explain,
+        "target": target,
         "output_relevance": output_relevance(analyzer),
         "package_version": crp_toolkit.__version__,
         "config": config or {},
@@ -77,9 +77,9 @@ class Study:
         object.__setattr__(self, "provenance", checked)
 
     @property
-    def explain(self) -> str:
+    def target(self) -> str:
         """Which class the store explains per sample: ``"label"`` or ``"prediction"``."""
-        return self.provenance["explain"]
+        return self.provenance["target"]
 
     @property
     def key(self) -> dict:
@@ -88,13 +88,13 @@ class Study:
             "composite": repr(self.analyzer.composite),
             "model": self.provenance["model"],
             "dataset": self.provenance["dataset"],
-            "explain": self.explain,
+            "target": self.target,
             "output_relevance": output_relevance(self.analyzer),
         }
 
     def classes(self, ids: np.ndarray) -> np.ndarray:
         """The explained classes of samples ``ids`` (any shape; reads only their chunks)."""
-        return self.store.samples(self.explain).vindex[ids]
+        return self.store.samples(self.target).vindex[ids]
 
     def images(self, ids: Sequence[int] | np.ndarray) -> Tensor:
         """The images of samples ``ids`` (repeats allowed), in that order."""

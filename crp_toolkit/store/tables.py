@@ -26,7 +26,7 @@ from crp_toolkit.store.results import ROOT as RESULTS
 from crp_toolkit.store.results import write_result
 
 MODES = ("relevance", "activation")
-TARGETS = ("sum", "max")
+POOLS = ("sum", "max")
 # the per-sample statistic a score is made of
 SOURCES = {
     ("relevance", "sum"): "relevance",
@@ -43,27 +43,27 @@ class Spec:
     optionally divided per sample by the sum of absolute scores (zennit-crp's abs_norm)."""
 
     mode: str
-    target: str
+    pool: str
     normalised: bool
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES or self.target not in TARGETS:
+        if self.mode not in MODES or self.pool not in POOLS:
             raise ValueError(
-                f"mode must be one of {MODES} and target one of {TARGETS}, "
-                f"got {self.mode!r}, {self.target!r}"
+                f"mode must be one of {MODES} and pool one of {POOLS}, "
+                f"got {self.mode!r}, {self.pool!r}"
             )
 
     @property
     def name(self) -> str:
-        return f"{self.mode}-{self.target}-{'normalised' if self.normalised else 'raw'}"
+        return f"{self.mode}-{self.pool}-{'normalised' if self.normalised else 'raw'}"
 
     @property
     def stat(self) -> str:
         """The store statistic (``layers/<name>/<stat>``) the score is computed from."""
-        return SOURCES[self.mode, self.target]
+        return SOURCES[self.mode, self.pool]
 
 
-SPECS = tuple(Spec(m, t, n) for m in MODES for t in TARGETS for n in (True, False))
+SPECS = tuple(Spec(m, t, n) for m in MODES for t in POOLS for n in (True, False))
 
 
 def scores(values: np.ndarray, spec: Spec, positions: int) -> np.ndarray:
@@ -333,7 +333,7 @@ def merge_tables(path: str | Path, workers: int | None = None) -> None:
     attrs = dict(group.attrs)
     if not group["progress/done"][:].all():
         raise ValueError(f"the store at {path} is not complete; merge its tables once it is")
-    k, k_class, n_classes = attrs["k"], attrs["k_class"], attrs["classes"]
+    k, k_class, n_classes = attrs["table_size"], attrs["class_table_size"], attrs["classes"]
     labels = group["samples/label"][:]
 
     def top(s: np.ndarray, v: np.ndarray):
@@ -368,7 +368,7 @@ def merge_tables(path: str | Path, workers: int | None = None) -> None:
                 jobs += [(class_table_name(layer, s), s, dims, t) for s, t in zip(SPECS, merged)]
             for parent in {name.rsplit("/", 1)[0] for name, *_ in jobs}:  # before the threads
                 group.require_group(f"{RESULTS}/{parent}")
-            meta = {"layer": layer, "k": k, "k_class": k_class}
+            meta = {"layer": layer, "table_size": k, "class_table_size": k_class}
             list(pool.map(partial(_write, path, meta), jobs))
     group.attrs["tables_merged"] = True
 
@@ -376,7 +376,7 @@ def merge_tables(path: str | Path, workers: int | None = None) -> None:
 def _write(path, meta: Mapping, job: tuple) -> None:
     """Write one merged table: ``job`` is (result name, spec, dimension names, table)."""
     name, spec, dims, (samples, values) = job
-    attrs = {**meta, "mode": spec.mode, "target": spec.target, "normalised": spec.normalised}
+    attrs = {**meta, "mode": spec.mode, "pool": spec.pool, "normalised": spec.normalised}
     arrays = {"samples": samples, "scores": values}
     write_result(path, name, arrays, dims={"samples": dims, "scores": dims}, attrs=attrs)
 

@@ -1,18 +1,19 @@
 """The dataset store: per-sample concept relevance and activation statistics in Zarr 3.
 
-Schema (version 3); every array has ``dimension_names`` and each group its coordinates
+Schema (version 4); every array has ``dimension_names`` and each group its coordinates
 (``sample``, ``class``, ``concept``, ``chunk_index``, ``spec``), so
 ``xarray.open_zarr(path, group="layers/<name>")`` gives labelled data::
 
     <store>/                      attrs: schema_version, provenance{model, dataset, composite,
-                                         package_version, config}, n_samples, chunk, classes,
-                                         layers, maps, k, k_class, specs, logits_k,
+                                         target, output_relevance, package_version, config},
+                                         n_samples, chunk, classes, layers, maps, table_size,
+                                         class_table_size, specs, keep_logits,
                                          top_heatmaps, tables_merged (once merged)
       samples/label      (sample,)            int64
       samples/prediction (sample,)            int64
-      samples/logits     (sample, class)      float32 all logits, or with ``logits_k`` below
+      samples/logits     (sample, class)      float32 all logits, or with ``keep_logits`` below
                                                       the class count instead:
-      samples/top_logits  (sample, rank)      float32 the ``logits_k`` largest logits
+      samples/top_logits  (sample, rank)      float32 the ``keep_logits`` largest logits
       samples/top_classes (sample, rank)      int64   their classes (ties: lower class first)
       samples/valid      (sample,)            bool    False where the sample could not be read
       samples/sample, layers/<name>/sample (sample,) int64  coordinates: sample ids
@@ -32,11 +33,13 @@ Schema (version 3); every array has ``dimension_names`` and each group its coord
       layers/<name>/top_heatmaps (sample, rank, y, x) float16  their input-space conditional
                                                         heatmaps (same target as the pass)
       layers/<name>/tables/top_samples   (chunk_index, spec, rank, concept) int32  per chunk,
-      layers/<name>/tables/top_scores    (chunk_index, spec, rank, concept) float64 the ``k``
-                                         best samples of each concept (-1 / -inf padding)
+      layers/<name>/tables/top_scores    (chunk_index, spec, rank, concept) float64 the
+                                         ``table_size`` best samples of each concept
+                                         (-1 / -inf padding)
       layers/<name>/tables/class_samples (chunk_index, spec, entry, concept) int32  per chunk,
       layers/<name>/tables/class_scores  (chunk_index, spec, entry, concept) float64 each
-                                         class's ``k_class`` best samples of each concept,
+                                         class's ``class_table_size`` best samples of
+                                         each concept,
                                          sorted by (label, -score), -1 / -inf padding
       progress/done      (chunk,)             bool    set after a chunk's rows are all written
       progress/digest    (chunk, byte)        uint8   SHA-256 of what the chunk wrote (every
@@ -44,7 +47,7 @@ Schema (version 3); every array has ``dimension_names`` and each group its coord
       derived/tables/<layer>/<spec>        the merged tables (see ``tables.merge_tables``)
       derived/class_tables/<layer>/<spec>
 
-``spec`` runs over ``tables.SPECS`` (mode x target x normalised, names in attrs ``specs``).
+``spec`` runs over ``tables.SPECS`` (mode x pool x normalised, names in attrs ``specs``).
 A *chunk* of ``chunk`` rows is the unit of work: one writer writes it whole (one write per
 array, chunks aligned to it; the per-chunk tables too), then marks it done; a run killed at
 any moment and started again redoes only unfinished chunks, and a chunk whose files were
@@ -77,9 +80,9 @@ from crp_toolkit.store.integrity import (
 )
 from crp_toolkit.store.tables import SPECS
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # what makes two runs compute the same numbers: a store is only continued by a run that agrees
-IDENTITY = ("model", "dataset", "composite", "explain", "output_relevance")
+IDENTITY = ("model", "dataset", "composite", "target", "output_relevance")
 
 
 class StoreMismatchError(ValueError):
@@ -90,26 +93,26 @@ class StoreMismatchError(ValueError):
 class StoreOptions:
     """What a store holds besides each layer's concept statistics, the same in the config
     (``store.*``) and the writer: ``chunk`` samples per unit of work; ``maps``: relevance maps
-    at each layer's resolution (float16); ``tables_k`` / ``class_tables_k``: sizes of the
+    at each layer's resolution (float16); ``table_size`` / ``class_table_size``: sizes of the
     streaming reference tables per concept, and per class and concept (0: none);
-    ``logits_k``: with more classes than this, only each sample's top ``logits_k`` logits
+    ``keep_logits``: with more classes than this, only each sample's top ``keep_logits`` logits
     (0: all); ``top_heatmaps``: input-space heatmaps of each sample's that many most relevant
     concepts per layer (float16; 0: none)."""
 
     chunk: int = 256
     maps: bool = False
-    tables_k: int = 32
-    class_tables_k: int = 8
-    logits_k: int = 0
+    table_size: int = 32
+    class_table_size: int = 8
+    keep_logits: int = 0
     top_heatmaps: int = 0
 
     def __post_init__(self) -> None:
         if self.chunk < 1:
             raise ValueError(f"{{'chunk': {self.chunk}}} must be at least 1")
         counts = {
-            "k": self.tables_k,
-            "k_class": self.class_tables_k,
-            "logits_k": self.logits_k,
+            "table_size": self.table_size,
+            "class_table_size": self.class_table_size,
+            "keep_logits": self.keep_logits,
             "top_heatmaps": self.top_heatmaps,
         }
         negative = {key: value for key, value in counts.items() if value < 0}
@@ -119,10 +122,10 @@ class StoreOptions:
     @property
     def tables(self) -> bool:
         """Whether the store keeps reference tables."""
-        return bool(self.tables_k or self.class_tables_k)
+        return bool(self.table_size or self.class_table_size)
 
 
-NO_TABLES = StoreOptions(tables_k=0, class_tables_k=0)
+NO_TABLES = StoreOptions(table_size=0, class_table_size=0)
 
 
 @dataclass(frozen=True)
@@ -144,9 +147,9 @@ class Layout:
         options = StoreOptions(
             chunk=attrs["chunk"],
             maps=attrs["maps"],
-            tables_k=attrs["k"],
-            class_tables_k=attrs["k_class"],
-            logits_k=attrs["logits_k"],
+            table_size=attrs["table_size"],
+            class_table_size=attrs["class_table_size"],
+            keep_logits=attrs["keep_logits"],
             top_heatmaps=attrs["top_heatmaps"],
         )
         return cls(
@@ -169,11 +172,11 @@ class Layout:
     def class_entries(self) -> int:
         """Rows of a chunk's per-class table: each class keeps at most ``k_class`` of the
         chunk's samples, so at most ``min(chunk, classes * k_class)`` in all."""
-        return min(self.chunk, self.classes * self.options.class_tables_k)
+        return min(self.chunk, self.classes * self.options.class_table_size)
 
     @property
     def top_logits(self) -> bool:
-        return 0 < self.options.logits_k < self.classes
+        return 0 < self.options.keep_logits < self.classes
 
     def top_concepts(self, layer: str) -> int:
         """How many concepts of ``layer`` get input-space heatmaps per sample."""
@@ -185,7 +188,7 @@ class Layout:
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str, tuple[str, ...]]]:
         """Every per-sample array: path -> (one sample's entry shape, dtype, dimension names)."""
         if self.top_logits:
-            ranked = ((self.options.logits_k,), ("sample", "rank"))
+            ranked = ((self.options.keep_logits,), ("sample", "rank"))
             logits = {"samples/top_logits": "float32", "samples/top_classes": "int64"}
             logits = {path: (ranked[0], dtype, ranked[1]) for path, dtype in logits.items()}
         else:
@@ -225,7 +228,7 @@ class Layout:
         specs = len(SPECS)
         for name, shape in self.layers.items():
             for kind, rows, dim in (
-                ("top", self.options.tables_k, "rank"),
+                ("top", self.options.table_size, "rank"),
                 ("class", self.class_entries, "entry"),
             ):
                 if rows:
@@ -243,10 +246,10 @@ class Layout:
             "classes": self.classes,
             "layers": {k: list(v) for k, v in self.layers.items()},
             "maps": self.options.maps,
-            "k": self.options.tables_k,
-            "k_class": self.options.class_tables_k,
+            "table_size": self.options.table_size,
+            "class_table_size": self.options.class_table_size,
             "specs": [spec.name for spec in SPECS] if self.options.tables else [],
-            "logits_k": self.options.logits_k if self.top_logits else 0,
+            "keep_logits": self.options.keep_logits if self.top_logits else 0,
             "top_heatmaps": self.options.top_heatmaps,
             "input_shape": list(self.input_shape),
         }
