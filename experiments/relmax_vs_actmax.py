@@ -20,6 +20,7 @@ from matplotlib import pyplot as plt
 from crp_toolkit.app.context import open_run
 from crp_toolkit.app.mine import most_relevant
 from crp_toolkit.atlas.figures import as_rgb
+from crp_toolkit.atlas.views import reference_views
 from crp_toolkit.mining.discovery import (
     base_dataset,
     ground_truth,
@@ -51,6 +52,7 @@ def main() -> None:
     for mode_row, mode in enumerate(KINDS):
         table = reference_samples(store, layer, mode=mode, n_refs=args.k)
         found = localise_references(study, table, concepts=concepts)
+        dimmed = reference_views(study, found).dimmed
         for j, concept in enumerate(concepts):
             row = axes[2 * j + mode_row]
             label = ""
@@ -60,7 +62,7 @@ def main() -> None:
                 name = base_dataset(study.dataset).concept_names[m.best]
                 label = f" ({name} {m.accuracy[m.best]:.2f})"
             for r, ax in enumerate(row):
-                ax.imshow(as_rgb(found.dimmed[r, j]))
+                ax.imshow(as_rgb(dimmed[r, j]))
                 ax.set_axis_off()
             row[0].set_title(f"{layer}:{concept} {KINDS[mode]}{label}", loc="left", fontsize=8)
     fig.tight_layout()

@@ -1,4 +1,5 @@
-"""The command line's modules import one another without a circle."""
+"""The package is layered: the stages import one another in one direction, and the command
+line's modules without a circle."""
 
 from __future__ import annotations
 
@@ -34,3 +35,29 @@ def test_the_app_has_no_import_circle():
         done += ready
         graph = {name: deps for name, deps in graph.items() if name not in ready}
     assert done.index("context") < done.index("mine") < done.index("atlas") < done.index("stages")
+
+
+STAGES = ("engine", "concepts", "data", "store", "mining", "atlas", "app")
+
+
+def stage_imports(stage: str) -> set[str]:
+    """The pipeline stages (subpackages) whose modules the modules of ``stage`` import, at any
+    depth of their code (lazy imports inside functions count too)."""
+    found = set()
+    for path in (ROOT / "crp_toolkit" / stage).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            found |= {n.split(".")[1] for n in names if n.startswith("crp_toolkit.")}
+    return found & set(STAGES)
+
+
+def test_data_flows_one_way_through_the_stages():
+    """Each stage imports only the stages before it (engine -> concepts -> data -> store ->
+    mining -> atlas -> app): no arrow points back against the flow of data."""
+    for i, stage in enumerate(STAGES):
+        later = stage_imports(stage) & set(STAGES[i + 1 :])
+        assert not later, f"crp_toolkit.{stage} imports the later stage(s) {sorted(later)}"

@@ -38,6 +38,7 @@ from crp_toolkit.atlas.site import (
     SiteContent,
     write_site,
 )
+from crp_toolkit.atlas.views import ReferenceViews, reference_views
 from crp_toolkit.data.loading import gather
 from crp_toolkit.mining.ablation import read_ablation
 from crp_toolkit.mining.localise import localise_references
@@ -94,7 +95,8 @@ def layer_pages(
     part of the site."""
     layer, stats, sim = mined.layer, mined.stats, mined.similarity
     stem = f"{folder / layer}"
-    thumbs = list(mined.relmax.crops[0])
+    views = reference_views(study, mined.relmax), reference_views(study, mined.actmax)
+    thumbs = list(views[0].crops[0])
     chosen = mined.concepts
     fig = layer_map_figure(
         sim.embedding[chosen], thumbs, sim.cluster[chosen], title=layer, style=style
@@ -114,7 +116,7 @@ def layer_pages(
         save_figure(fig, f"{stem}_ablation", style)
     relevance = dataset_relevance(stats)
     concepts = [
-        concept_entry(mined, c, float(relevance[c]), study, names, folder, style)
+        concept_entry(mined, views, c, float(relevance[c]), study, names, folder, style)
         for c in tqdm(chosen, desc=f"concept sheets {layer}", unit="concept")
     ]
     classes = [
@@ -135,6 +137,7 @@ def layer_pages(
 
 def concept_entry(
     mined: MinedLayer,
+    views: tuple[ReferenceViews, ReferenceViews],
     concept: int,
     relevance: float,
     study: Study,
@@ -142,8 +145,8 @@ def concept_entry(
     folder: Path,
     style: FigureStyle,
 ) -> ConceptEntry:
-    """A concept's sheet (RelMax and ActMax crops, the classes using it, the attribution graph
-    on its best reference) and its atlas entry."""
+    """A concept's sheet (RelMax and ActMax crops from ``views``, the classes using it, the
+    attribution graph on its best reference) and its atlas entry."""
     j, layer = mined.column(concept), mined.layer
     used = [
         (names[y], float(mined.stats.usage[concept, y]))
@@ -154,13 +157,13 @@ def concept_entry(
     graph = ct.attribution_graph(
         study.analyzer, x, layer, concept, target=int(mined.relmax.classes[0, j])
     )
-    relmax, actmax = list(mined.relmax.crops[:, j]), list(mined.actmax.crops[:, j])
+    relmax, actmax = list(views[0].crops[:, j]), list(views[1].crops[:, j])
     sheet = ConceptSheet(f"{layer}:{concept}", relmax, actmax, used, graph)
     path = save_figure(
         concept_sheet_figure(sheet, style=style), f"{folder / layer}_{concept}", style
     )
     return ConceptEntry(
-        layer, concept, relevance, relmax[0], used, [path[0]], list(mined.relmax.dimmed[:, j])
+        layer, concept, relevance, relmax[0], used, [path[0]], list(views[0].dimmed[:, j])
     )
 
 
@@ -217,7 +220,8 @@ def input_figures(cfg: DictConfig, study: Study, folder: Path, style: FigureStyl
     )
     ids = sorted({int(c) for c in concepts.features.flatten()})
     refs = localise_references(study, table, concepts=ids, progress=True)
-    crops = {c: list(refs.crops[:, j]) for j, c in enumerate(ids)}
+    shown = reference_views(study, refs).crops
+    crops = {c: list(shown[:, j]) for j, c in enumerate(ids)}
     for i, index in enumerate(tqdm(batch.indices, desc="input figures", unit="input")):
         panels = concept_panels(concepts, i, layer, crops)
         fig = glocal_figure(x[i], expl.relevance[i], panels, title=f"sample {index}", style=style)

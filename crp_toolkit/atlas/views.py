@@ -1,5 +1,7 @@
-"""Views of a reference sample for display: a square crop around a box, resized, and the
-image darkened where a heatmap is low."""
+"""Views of reference samples for display: a square crop around the receptive field's box,
+resized, and the image darkened where the concept's heatmap is low. Made at draw time from
+localised references (``mining.localise``), so the store keeps only the geometry and the
+heatmaps."""
 
 from __future__ import annotations
 
@@ -7,10 +9,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
+
+from crp_toolkit.mining.localise import LocalisedReferences
+from crp_toolkit.store.study import Study
 
 
 @dataclass(frozen=True)
@@ -68,3 +74,36 @@ def dim_background(image: Tensor, heatmap: Tensor, view: ViewOptions) -> Tensor:
     top = heat.max()
     keep = heat >= view.threshold * top if top > 0 else torch.zeros_like(heat, dtype=torch.bool)
     return image.float() * torch.where(keep, 1.0, view.dim)
+
+
+@dataclass(frozen=True)
+class ReferenceViews:
+    """Display views of localised references, entry ``[r, j]`` as in
+    :class:`LocalisedReferences`: ``windows`` (n_refs, n, 4) the square crop windows
+    (y0, y1, x0, x1) around each box, ``crops`` (n_refs, n, C, S, S) the input cut to them and
+    resized, ``dimmed`` (n_refs, n, C, H, W) the input darkened where the heatmap is low."""
+
+    windows: np.ndarray
+    crops: np.ndarray
+    dimmed: np.ndarray
+
+
+def reference_views(
+    study: Study, references: LocalisedReferences, view: ViewOptions = ViewOptions()
+) -> ReferenceViews:
+    """The crops and dimmed views of every localised reference (images read from the study's
+    dataset)."""
+    shape = references.samples.shape
+    images = study.images(references.samples.ravel())
+    height, width = images.shape[2:]
+    windows = np.array([crop_window(b, height, width) for b in references.boxes.reshape(-1, 4)])
+    heatmaps = torch.from_numpy(references.heatmaps.reshape(-1, height, width))
+    crops = torch.stack([crop(x, w, view.crop_size) for x, w in zip(images, windows, strict=True)])
+    dimmed = torch.stack(
+        [dim_background(x, h, view) for x, h in zip(images, heatmaps, strict=True)]
+    )
+    return ReferenceViews(
+        windows.reshape(*shape, 4),
+        crops.reshape(*shape, *crops.shape[1:]).numpy(),
+        dimmed.reshape(*shape, *dimmed.shape[1:]).numpy(),
+    )

@@ -1,7 +1,6 @@
 """Mining the dataset store: reference samples (RelMax/ActMax, localised), class statistics,
 PCX prototypes, concept similarity, ablation curves and scored discovery."""
 
-from crp_toolkit.atlas.views import ViewOptions
 from crp_toolkit.engine.receptive_field import ReceptiveField, receptive_field
 from crp_toolkit.mining.ablation import AblationCurves, ablation_curves, read_ablation
 from crp_toolkit.mining.discovery import DiscoveryScores, score_discovery
@@ -33,7 +32,6 @@ __all__ = [
     "Prototypes",
     "ReceptiveField",
     "ReferenceTable",
-    "ViewOptions",
     "ablation_curves",
     "class_references",
     "class_statistics",

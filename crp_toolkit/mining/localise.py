@@ -7,26 +7,25 @@ For every reference sample s of concept c (a :class:`ReferenceTable` column) thi
   heatmaps; zennit-crp issue #11), batched over many (sample, concept) pairs per call;
 - the exact input-space box of the receptive field of the concept's maximal neuron (for
   relevance references the argmax of its conditional relevance at the layer, for activation
-  references the store's ``act_argmax``), traced through the model's conv and pool geometry;
-- a square crop of the input around that box, resized to a fixed size, and a view of the input
-  darkened where the normalised heatmap is low.
+  references the store's ``act_argmax``), traced through the model's conv and pool geometry.
 
 Results are cached in the store under ``derived/localised/...``, keyed by everything that
-changes them (composite, model and dataset fingerprints, references, view options).
+changes them (composite, model and dataset fingerprints, references). Views for display
+(crops around the box, the image dimmed where the heatmap is low) are the atlas's:
+``crp_toolkit.atlas.views.reference_views``.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from crp_toolkit.atlas.views import ViewOptions, crop, crop_window, dim_background
 from crp_toolkit.concepts.conditional import OUTPUT, CondAttribution
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.engine.receptive_field import receptive_field
@@ -42,10 +41,8 @@ class LocalisedReferences:
 
     ``samples``/``classes`` (n_refs, n): sample ids and the class explained for them;
     ``positions`` (n_refs, n, spatial axes of the layer): the concept's maximal neuron;
-    ``heatmaps`` (n_refs, n, H, W): conditional heatmaps; ``boxes``/``windows`` (n_refs, n, 4):
-    receptive field and crop window as (y0, y1, x0, x1), half-open; ``crops``
-    (n_refs, n, C, S, S) and ``dimmed`` (n_refs, n, C, H, W), float16 images for display.
-    ``from_cache``: read back from the store.
+    ``heatmaps`` (n_refs, n, H, W): conditional heatmaps; ``boxes`` (n_refs, n, 4): the
+    receptive field as (y0, y1, x0, x1), half-open. ``from_cache``: read back from the store.
     """
 
     layer: str
@@ -58,9 +55,6 @@ class LocalisedReferences:
     positions: np.ndarray
     heatmaps: np.ndarray
     boxes: np.ndarray
-    windows: np.ndarray
-    crops: np.ndarray
-    dimmed: np.ndarray
     key: dict
     from_cache: bool = False
 
@@ -72,9 +66,6 @@ _ARRAYS = {
     "positions": ("rank", "concept", "axis"),
     "heatmaps": ("rank", "concept", "y", "x"),
     "boxes": ("rank", "concept", "edge"),
-    "windows": ("rank", "concept", "edge"),
-    "crops": ("rank", "concept", "channel", "crop_y", "crop_x"),
-    "dimmed": ("rank", "concept", "channel", "y", "x"),
 }
 
 
@@ -84,7 +75,6 @@ def localise_references(
     *,
     concepts: Sequence[int] | None = None,
     n_refs: int | None = None,
-    view: ViewOptions = ViewOptions(),
     batch_size: int = 32,
     cache: bool = True,
     progress: bool = False,
@@ -106,14 +96,13 @@ def localise_references(
         "n_refs": int(samples.shape[0]),
         "concepts": ids.tolist(),
         "samples": hashlib.sha256(samples.astype(np.int64).tobytes()).hexdigest()[:20],
-        "view": asdict(view),
     }
     name = keyed_name(f"localised/{references.layer}", key)
     found = read_result(study.store.path, name, key) if cache else None
     if found is not None:
         arrays = {a: found.arrays[a] for a in _ARRAYS}
         return LocalisedReferences(**meta, **arrays, key=key, from_cache=True)
-    arrays = _localise(study, references, ids, samples, view, batch_size, progress)
+    arrays = _localise(study, references, ids, samples, batch_size, progress)
     if cache:
         write_result(study.store.path, name, arrays, dims=_ARRAYS, attrs=meta, key=key)
     return LocalisedReferences(**meta, **arrays, key=key)
@@ -124,7 +113,6 @@ def _localise(
     references: ReferenceTable,
     ids: np.ndarray,
     samples: np.ndarray,
-    view: ViewOptions,
     batch_size: int,
     progress: bool,
 ) -> dict[str, np.ndarray]:
@@ -151,11 +139,6 @@ def _localise(
     field = receptive_field(study.analyzer, layer, tuple(images.shape[1:]))
     boxes = np.stack([field.box(p) for p in positions])
     height, width = images.shape[2:]
-    windows = np.array([crop_window(b, height, width) for b in boxes])
-    crops = torch.stack([crop(x, w, view.crop_size) for x, w in zip(images, windows, strict=True)])
-    dimmed = torch.stack(
-        [dim_background(x, h, view) for x, h in zip(images, heatmaps, strict=True)]
-    )
     shape = samples.shape
     return {
         "concepts": ids,
@@ -164,10 +147,6 @@ def _localise(
         "positions": positions.reshape(*shape, -1).astype(np.int64),
         "heatmaps": heatmaps.reshape(*shape, height, width).numpy(),
         "boxes": boxes.reshape(*shape, 4),
-        "windows": windows.reshape(*shape, 4),
-        # views are for display: float16 halves the cache (heatmaps stay float32)
-        "crops": crops.reshape(*shape, *crops.shape[1:]).numpy().astype(np.float16),
-        "dimmed": dimmed.reshape(*shape, *dimmed.shape[1:]).numpy().astype(np.float16),
     }
 
 
