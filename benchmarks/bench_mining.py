@@ -168,7 +168,7 @@ def main() -> None:
             "class_statistics k=8": lambda s: class_statistics(s, LAYER, n_refs=8),
             "concept_similarity relevance": lambda s: concept_similarity(s, LAYER),
             "concept_similarity activation-max": lambda s: concept_similarity(
-                s, LAYER, mode="activation", target="max"
+                s, LAYER, mode="activation", pool="max"
             ),
         }
         # one run each: fitting full-covariance mixtures is the slow part, and it is not I/O

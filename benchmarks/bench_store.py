@@ -1,6 +1,6 @@
 """Dataset analysis into the store: images per second and bytes per sample on disk, without
-and with the streaming reference tables (k=32, k_class=8) and with relevance maps (the concept
-world and its CNN; CPU by default).
+and with the streaming reference tables (table_size=32, class_table_size=8) and with relevance
+maps (the concept world and its CNN; CPU by default).
 
     python benchmarks/bench_store.py [--n 1200] [--chunk 200]
 """

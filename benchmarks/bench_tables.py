@@ -5,7 +5,7 @@ layers (relevance signed, activations rectified: many tied zeros); medians of se
 
 With ``--analysis N``, also ``analyze_dataset`` end to end on N random 64x64 images
 (VGG16, 10 classes, three layers of 512 channels, chunks of ``--rows``), with the tables
-(k=32, k_class=8) and without (k=0): the share the tables take of a CPU pass.
+(table_size=32, class_table_size=8) and without (0): the share the tables take of a CPU pass.
 
 With ``--pipeline N``, ``analyze_dataset`` on N inputs through a network of almost no compute
 whose layers are shaped like VGG16's deepest (``--layers`` depthwise convolutions of
@@ -44,6 +44,8 @@ import crp_toolkit as ct
 from crp_toolkit.store.analysis import analyze_dataset, layer_tables
 from crp_toolkit.store.tables import merge_tables
 from crp_toolkit.store.zarr_store import Layout, StoreOptions, create_or_resume, write_chunk
+
+NO_TABLE_SIZES = {"table_size": 0, "class_table_size": 0}  # StoreOptions of a store without tables
 
 
 def chunk_arrays(layout: Layout, chunk: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -104,7 +106,7 @@ def time_analysis(n: int, chunk: int, repeats: int) -> dict[str, list[float]]:
     data = TensorDataset(torch.rand(n, 3, 64, 64, generator=gen), torch.randint(0, 10, (n,)))
     runs: dict[str, list[float]] = {"tables": [], "no tables": []}
     for _ in range(repeats):
-        for name, k in (("tables", {}), ("no tables", {"k": 0, "k_class": 0})):
+        for name, k in (("tables", {}), ("no tables", NO_TABLE_SIZES)):
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
                 analyze_dataset(
@@ -115,8 +117,7 @@ def time_analysis(n: int, chunk: int, repeats: int) -> dict[str, list[float]]:
                     dataset_description="bench",
                     loader_options={"num_workers": 0},
                     progress=False,
-                    **k,
-                    options=StoreOptions(chunk=chunk),
+                    options=StoreOptions(chunk=chunk, **k),
                 )
                 runs[name].append(time.perf_counter() - start)
     return runs
@@ -163,7 +164,7 @@ def time_pipeline(args, classes: int) -> dict[str, list[float]]:
     runs: dict[str, list[float]] = {"tables": [], "no tables": []}
     peaks: dict[str, list[int]] = {"tables": [], "no tables": []}
     for _ in range(args.merge_repeats):
-        for name, k in (("tables", {}), ("no tables", {"k": 0, "k_class": 0})):
+        for name, k in (("tables", {}), ("no tables", NO_TABLE_SIZES)):
             with tempfile.TemporaryDirectory() as tmp:
                 reset_peak_rss()
                 start = time.perf_counter()
@@ -175,8 +176,7 @@ def time_pipeline(args, classes: int) -> dict[str, list[float]]:
                     dataset_description="bench",
                     loader_options={"num_workers": 0, "batch_size": 64},
                     progress=False,
-                    **k,
-                    options=StoreOptions(chunk=args.rows),
+                    options=StoreOptions(chunk=args.rows, **k),
                 )
                 runs[name].append(time.perf_counter() - start)
                 peaks[name].append(peak_rss_bytes())
