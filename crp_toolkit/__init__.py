@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from crp_toolkit import composites, ops, rules
+from crp_toolkit._version import __version__ as __version__
 from crp_toolkit.concepts.attribution_graph import AttributionGraph, ConceptNode, attribution_graph
 from crp_toolkit.concepts.concepts import ChannelConcept, DirectionConcept, NeuronConcept
 from crp_toolkit.concepts.conditional import CondAttribution, CondResult
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from crp_toolkit import store
     from crp_toolkit.atlas.heatmap import heatmap, heatmap_figure, save_heatmaps
 
-__version__ = "0.1.0"
 
 # name -> (module, attribute of it; None for the module itself), imported on first access
 _LAZY: dict[str, tuple[str, str | None]] = {

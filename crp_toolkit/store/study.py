@@ -10,7 +10,7 @@ import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 
-import crp_toolkit
+from crp_toolkit._version import __version__
 from crp_toolkit.data.loading import read_samples
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.store.zarr_store import (
@@ -36,7 +36,7 @@ def make_provenance(
         "composite": repr(analyzer.composite),
         "target": target,
         "output_relevance": output_relevance(analyzer),
-        "package_version": crp_toolkit.__version__,
+        "package_version": __version__,
         "config": config or {},
     }
 
