@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import crp_toolkit as ct
@@ -33,3 +34,18 @@ def test_heatmaps_of_an_explanation_and_a_figure(fashion_model, fashion_data, tm
     figure = ct.heatmap_figure(expl, inputs=x, titles=["a", "b", "c"])
     figure.savefig(tmp_path / "figure.png")
     assert (tmp_path / "figure.png").stat().st_size > 1000
+
+
+def test_heatmaps_of_every_explanation_are_one_image_per_row(fashion_model, fashion_data):
+    """CRP's explanation gives one heatmap per (sample, feature), sample-major, each the same
+    image as that row's conditional heatmap from CondAttribution."""
+    x = fashion_data[0][:2]
+    analyzer = ct.LRP(ct.canonize(fashion_model), ct.composites.EpsilonPlusFlat())
+    crp = ct.analyze(x, ct.CRP(analyzer, "conv2", ct.IndexedFeatures(3, 5, 8)), 1)
+    images = ct.heatmap(crp)
+    assert images.shape == (6, 28, 28, 3)
+    conditions = [{"y": 1, "conv2": [c]} for c in (3, 5, 8)]
+    cond = ct.analyze(x, ct.CondAttribution(analyzer), conditions=conditions)
+    np.testing.assert_array_equal(images, ct.heatmap(cond))
+    with pytest.raises(ValueError, match="heatmaps need"):
+        ct.heatmap(torch.zeros(2, 5))

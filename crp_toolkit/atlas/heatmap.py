@@ -8,6 +8,8 @@ import numpy as np
 from matplotlib import colormaps
 from torch import Tensor
 
+from crp_toolkit.engine.explanation import Explanation
+
 
 def heatmap(
     expl,
@@ -17,16 +19,16 @@ def heatmap(
     overlay: Tensor | None = None,
     alpha: float = 0.6,
 ) -> np.ndarray:
-    """RGB heatmap images, uint8 shaped (batch, height, width, 3).
+    """RGB heatmap images, uint8 shaped (rows, height, width, 3).
 
-    ``expl`` is an :class:`Explanation` or a relevance tensor (batch, channels, h, w) or
-    (batch, h, w). Relevance is summed over channels and scaled symmetrically around zero per
-    image (by the ``percentile`` of its absolute values) so that zero is white. With
+    ``expl`` is any :class:`Explanation` (its ``heatmaps``, one image per row: per sample for
+    LRP, per sample and feature for CRP, sample-major) or a relevance tensor (batch, channels,
+    h, w) or (batch, h, w). Relevance is summed over channels and scaled symmetrically around
+    zero per image (by the ``percentile`` of its absolute values) so that zero is white. With
     ``overlay`` (the input images, (batch, c, h, w) in [0, 1]) the heatmap is blended over a
     grey version of the input.
     """
-    relevance = getattr(expl, "relevance", expl)
-    maps = _as_maps(relevance)
+    maps = _as_maps(expl)
     scale = np.percentile(np.abs(maps).reshape(len(maps), -1), percentile, axis=1)
     scale = np.where(scale > 0, scale, 1.0)[:, None, None]
     normed = np.clip(maps / scale, -1.0, 1.0) * 0.5 + 0.5
@@ -72,15 +74,21 @@ def save_heatmaps(expl, directory: str | Path, prefix: str = "heatmap", **kwargs
     return paths
 
 
-def _as_maps(relevance: Tensor) -> np.ndarray:
-    r = relevance.detach().float().cpu()
-    if r.dim() == 4:
-        r = r.sum(1)
-    if r.dim() != 3:
+def _as_maps(expl: Explanation | Tensor) -> np.ndarray:
+    """(rows, h, w) maps: an explanation's heatmaps with their row axes (sample, feature)
+    flattened, or a relevance tensor summed over its channels."""
+    if isinstance(expl, Explanation):
+        maps = expl.heatmaps
+    elif expl.dim() in (3, 4):
+        maps = expl.sum(1) if expl.dim() == 4 else expl
+    else:
         raise ValueError(
-            f"heatmaps need relevance shaped (batch, [channels,] h, w), got {tuple(r.shape)}"
+            f"heatmaps need relevance shaped (batch, [channels,] h, w), got {tuple(expl.shape)}"
         )
-    return r.numpy()
+    if maps.dim() < 3:
+        raise ValueError(f"heatmaps need images, got heatmaps shaped {tuple(maps.shape)}")
+    maps = maps.detach().float().cpu()
+    return maps.reshape(-1, *maps.shape[-2:]).numpy()
 
 
 def display_image(image: Tensor) -> np.ndarray:
