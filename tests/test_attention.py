@@ -335,3 +335,46 @@ def test_presets_print_their_rules() -> None:
     assert "SoftmaxRule()" in text and "UniformRule(stabilizer=1e-06)" in text
     assert "GammaRule(gamma=0.25" in text
     assert "ConstantWeightsRule(stabilizer=1e-06)" in repr(ct.composites.CPLRP())
+
+
+# -- 4. bad input ----------------------------------------------------------------------------
+
+
+class ErfMlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.erf(self.fc(x))
+
+
+class Block(nn.Module):
+    """A transformer block whose MLP calls an op without a rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mlp = ErfMlp()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.norm(x)
+        x = x + self.attention(y, y, y, need_weights=False)[0]
+        return self.head((x + self.mlp(x)).mean(1))
+
+
+def test_an_op_without_rule_in_a_transformer_is_refused_naming_where() -> None:
+    with pytest.raises(ct.UnsupportedLayerError) as info:
+        ct.LRP(Block().eval(), ct.composites.AttnLRP())
+    message = str(info.value)
+    assert "op 'erf' (call_function) inside 'mlp' of type ErfMlp (traced node 'erf')" in message
+    assert "register_function_op" in message
+
+
+def test_attention_without_a_transformer_composite_says_which_to_use() -> None:
+    with pytest.raises(
+        ct.UnsupportedLayerError, match=r"'attention\.matmul'.*UniformRule.*AttnLRP\(\)"
+    ):
+        ct.LRP(SelfAttention(nn.MultiheadAttention(8, 2, batch_first=True)).eval())

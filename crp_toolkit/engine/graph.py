@@ -315,7 +315,7 @@ def _unsupported(
     node: fx.Node, module: nn.Module | None, kinds: frozenset[str]
 ) -> UnsupportedLayerError:
     if module is not None:
-        what = f"module {node.target!r} of type {type(module).__name__}"
+        what = f"module {node.target!r} of type {type(module).__name__} (traced node {node.name!r})"
         how = (
             "register a rule for it with crp_toolkit.engine.ops.register_module_op("
             f"{type(module).__name__}, ops.ELEMENTWISE or another op of crp_toolkit.engine.ops)"
@@ -323,8 +323,9 @@ def _unsupported(
     else:
         target = getattr(node.target, "__name__", node.target)
         stack = node.meta.get("nn_module_stack") or {}
-        scope = next(reversed(stack.values()))[0] if stack else "<top level>"
-        what = f"op {target!r} ({node.op}) inside {scope!r}"
+        scope, scope_type = next(reversed(stack.values())) if stack else ("<top level>", None)
+        of_type = f" of type {getattr(scope_type, '__name__', scope_type)}" if scope_type else ""
+        what = f"op {target!r} ({node.op}) inside {scope!r}{of_type} (traced node {node.name!r})"
         how = (
             f"register it with crp_toolkit.engine.ops.register_method_op({target!r}, <Op>)"
             if node.op == "call_method"

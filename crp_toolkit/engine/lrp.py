@@ -338,15 +338,13 @@ def _checked_rules(graph: Graph, rules: Sequence[Rule | None]) -> list[Rule]:
     for layer, rule in zip(graph.layers, rules, strict=True):
         where = f"layer {layer.name!r} ({layer.type_name}, kind {layer.kind!r})"
         if rule is None:
-            attention = (
-                "; attention needs a transformer composite: ct.composites.AttnLRP() or CPLRP()"
-                if layer.kind in ("softmax", "matmul")
-                else ""
-            )
+            example = {"softmax": "SoftmaxRule()", "matmul": "UniformRule()"}
+            attention = layer.kind in example
             raise UnsupportedLayerError(
                 f"the composite assigns no rule to {where}; add one, e.g. "
-                f"TypeMap({{{layer.kind!r}: EpsilonRule()}}) or NameMap({{{layer.name!r}: ...}})"
-                f"{attention}"
+                f"TypeMap({{{layer.kind!r}: {example.get(layer.kind, 'EpsilonRule()')}}}) or "
+                f"NameMap({{{layer.name!r}: ...}})"
+                + ("; for attention use ct.composites.AttnLRP() or CPLRP()" if attention else "")
             )
         if not rule.is_compatible(layer):
             raise UnsupportedLayerError(
