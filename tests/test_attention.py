@@ -236,6 +236,23 @@ def test_explicit_attention_computes_the_modules_function(batch_first: bool) -> 
     assert explicit.in_proj.weight is mha.in_proj_weight and explicit.out_proj is mha.out_proj
 
 
+@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("size", [(8, 8), (6, 5)])
+def test_explicit_window_attention_computes_the_modules_function(v2: bool, size) -> None:
+    """Swin's shifted-window attention (relative position bias, shift mask, padding; v2's
+    cosine attention) written out computes what torchvision's module does."""
+    from torchvision.models import swin_transformer as swin
+
+    from crp_toolkit.engine.window_attention import ExplicitWindowAttention
+
+    torch.manual_seed(0)
+    cls = swin.ShiftedWindowAttentionV2 if v2 else swin.ShiftedWindowAttention
+    module = cls(8, [4, 4], [2, 2], num_heads=2).to(DT).eval()
+    x = torch.randn(2, *size, 8, dtype=DT)
+    with torch.no_grad():
+        assert rel_err(ExplicitWindowAttention(module)(x), module(x)) < 1e-12
+
+
 class SelfAttention(nn.Module):
     def __init__(self, attention: nn.Module) -> None:
         super().__init__()

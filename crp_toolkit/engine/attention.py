@@ -125,6 +125,11 @@ def explicit_attention(model: nn.Module) -> nn.Module:
     for path, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention) and registry.for_module(module) is None:
             replacements[path] = _checked(module, path)
+        elif type(module).__module__ == "torchvision.models.swin_transformer":
+            from crp_toolkit.engine import window_attention  # imports torchvision's Swin
+
+            if window_attention.is_window_attention(module):
+                replacements[path] = _checked_windows(module, path)
         elif getattr(module, "fused_attn", None) is False:
             replacements[path] = copy.copy(module)
             replacements[path].fused_attn = True
@@ -149,6 +154,28 @@ def _checked(mha: nn.MultiheadAttention, path: str) -> ExplicitAttention:
             f"the explicit form of attention module {path!r} does not compute what the module "
             f"does (relative difference {error:.3g}); {_HOW}"
         )
+    return explicit
+
+
+def _checked_windows(attention: nn.Module, path: str) -> nn.Module:
+    """Swin's window attention written out, refused loudly unless it computes the module's
+    function on random maps with and without padding."""
+    from crp_toolkit.engine.window_attention import ExplicitWindowAttention
+
+    explicit = ExplicitWindowAttention(attention)
+    reference = copy.deepcopy(attention).eval() if attention.training else attention
+    p, (wh, ww) = attention.proj.weight, attention.window_size
+    generator = torch.Generator(device=p.device).manual_seed(0)
+    for h, w in ((2 * wh, 2 * ww), (wh + 2, ww + 1)):
+        x = torch.randn(2, h, w, p.shape[1], dtype=p.dtype, device=p.device, generator=generator)
+        with torch.no_grad():
+            want, got = reference(x), explicit(x)
+        error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+        if not error <= 1e3 * torch.finfo(p.dtype).eps:
+            raise UnsupportedLayerError(
+                f"the explicit form of window attention {path!r} does not compute what the "
+                f"module does (relative difference {error:.3g}); {_HOW}"
+            )
     return explicit
 
 

@@ -294,6 +294,8 @@ def _classify(
 
 def _is_shape_query(node: fx.Node) -> bool:
     shape_ops: set[Callable | str] = {"size", "dim", getattr, operator.getitem, "numel"}
+    if getattr(node.target, "crp_shape_function", False):
+        return True  # see crp_toolkit.engine.ops.shape_function
     return node.target in shape_ops and node.op in ("call_method", "call_function")
 
 

@@ -106,6 +106,13 @@ def selection_transpose(
     return result
 
 
+def shape_function(function: Callable) -> Callable:
+    """Mark ``function`` as computing constants from its tensor arguments' shapes only (a
+    padding, a mask): its calls carry no relevance and need no rule, as ``x.size()``."""
+    function.crp_shape_function = True
+    return function
+
+
 def select_output(function: str, index: int, *args, **kwargs) -> Tensor:
     """``torch.<function>(*args, **kwargs)[index]``: one output of an op that returns several
     tensors (chunk, split, unbind), as an op of its own; the tracer rewrites ``x.chunk(2)[i]``
@@ -464,7 +471,7 @@ _FUNCTION_OPS: dict[Callable, Op] = {
     **{f: GATE for f in (operator.mul, operator.imul, torch.mul)},
     # division: the divisor is held constant (as the standard deviation in LayerNorm), so
     # relevance passes to the dividend (timm's distilled heads average with ``/ 2``)
-    **{f: ELEMENTWISE for f in (operator.truediv, torch.div)},
+    **{f: ELEMENTWISE for f in (operator.truediv, torch.div, F.normalize)},
     **{
         f: AVGPOOL
         for f in (
@@ -541,8 +548,11 @@ class OpRegistry:
         return None
 
     def for_function(self, function: Callable, node: fx.Node) -> Op | None:
-        if getattr(function, "__name__", "") == "stochastic_depth":  # torchvision, eval: identity
+        name = getattr(function, "__name__", "")
+        if name == "stochastic_depth":  # torchvision, eval: identity
             return ELEMENTWISE
+        if name == "_patch_merging_pad":  # torchvision Swin: zero padding to even H, W
+            return INDEX
         return self.functions.get(function)
 
     def for_method(self, method: str, node: fx.Node) -> Op | None:
