@@ -444,7 +444,8 @@ class ConstantWeightsRule(Rule):
         if layer.kind == "matmul" and layer.gate is not None:
             s = R / stabilize(values.output, self.stabilizer)
             signal = 1 - layer.gate
-            out[signal] = values.inputs[signal] * _product_transpose(values, s)[signal]
+            grad = _product_transpose(values, s, (signal,))[signal]
+            out[signal] = values.inputs[signal] * grad
         return out
 
 
@@ -497,13 +498,16 @@ def _unbroadcast(R: Tensor, shape: torch.Size) -> Tensor:
 _MATMULS = (torch.matmul, torch.bmm, "matmul", "bmm", operator_matmul)
 
 
-def _product_transpose(values: LayerValues, s: Tensor) -> list[Tensor]:
-    """``J_a^T s`` and ``J_b^T s`` of a product of two tensors, each with the other held
-    constant (the product is bilinear, so these are the gradients at the inputs)."""
+def _product_transpose(
+    values: LayerValues, s: Tensor, factors: tuple[int, ...] = (0, 1)
+) -> list[Tensor | None]:
+    """``J_a^T s`` and ``J_b^T s`` of a product of two tensors (for the ``factors`` asked
+    for, None for the other), each with the other factor held constant (the product is
+    bilinear, so these are the gradients at the inputs)."""
     a, b = values.inputs
     if values.layer.node.target in _MATMULS and a.dim() >= 2 and b.dim() >= 2:
-        ga = _unbroadcast(s @ b.transpose(-1, -2), a.shape)
-        gb = _unbroadcast(a.transpose(-1, -2) @ s, b.shape)
+        ga = _unbroadcast(s @ b.transpose(-1, -2), a.shape) if 0 in factors else None
+        gb = _unbroadcast(a.transpose(-1, -2) @ s, b.shape) if 1 in factors else None
         return [ga, gb]
     return vjp(values.evaluate, [a, b], s)
 
