@@ -5,7 +5,8 @@ layer of its own with its own rule (AttnLRP, CP-LRP).
 ``explicit_attention(model)`` replaces every ``nn.MultiheadAttention`` by
 :class:`ExplicitAttention` in a structural copy of the model (only the modules on the way to
 an attention module are copied; parameters and every other module are shared), each checked
-to compute the same function as the module it replaces. ``explicit_sdpa(graph)`` rewrites the
+to compute the same function as the module it replaces; torchvision Swin's window attention
+likewise (``crp_toolkit.engine.window_attention``). ``explicit_sdpa(graph)`` rewrites the
 calls of ``F.scaled_dot_product_attention`` in a traced graph (timm's fused attention) into
 the same ops. What either cannot write out is refused, naming where it is; nothing is passed
 as identity.
@@ -48,12 +49,12 @@ class ExplicitAttention(nn.Module):
         self.scale = float(mha.head_dim) ** -0.5
         self.packed = mha._qkv_same_embed_dim
         if self.packed:
-            self.in_proj = _linear(mha.in_proj_weight, mha.in_proj_bias)
+            self.in_proj = shared_linear(mha.in_proj_weight, mha.in_proj_bias)
         else:
             biases = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)
             weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
             self.q_proj, self.k_proj, self.v_proj = (
-                _linear(w, None if b is None else nn.Parameter(b))
+                shared_linear(w, None if b is None else nn.Parameter(b))
                 for w, b in zip(weights, biases, strict=True)
             )
         self.out_proj = mha.out_proj
@@ -94,8 +95,8 @@ class ExplicitAttention(nn.Module):
         return out, weights.mean(1) if average_attn_weights else weights
 
 
-def _linear(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
-    """An ``nn.Linear`` holding the given parameters themselves (no copy)."""
+def shared_linear(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
+    """An ``nn.Linear`` holding the given parameters themselves (no copy, no initialisation)."""
     linear = nn.Linear(1, 1, bias=bias is not None, device="meta")
     linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
     linear.weight = weight
@@ -119,7 +120,9 @@ def explicit_attention(model: nn.Module) -> nn.Module:
     :class:`ExplicitAttention` (checked to compute the same function), and every module with
     ``fused_attn = False`` (timm's switch; its unfused path calls mask helpers that are opaque
     to tracing) has it on, so that its ``F.scaled_dot_product_attention`` is written out by
-    ``explicit_sdpa``. The caller's model is not modified."""
+    ``explicit_sdpa``; torchvision Swin's window attention is an
+    :class:`~crp_toolkit.engine.window_attention.ExplicitWindowAttention` (checked likewise).
+    The caller's model is not modified."""
     registry = current_ops()
     replacements: dict[str, nn.Module] = {}
     for path, module in model.named_modules():

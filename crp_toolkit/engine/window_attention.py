@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crp_toolkit.engine.attention import shared_linear
 from crp_toolkit.engine.ops import shape_function
 
 __all__ = ["ExplicitWindowAttention", "is_window_attention"]
@@ -84,13 +85,10 @@ class ExplicitWindowAttention(nn.Module):
         self.qkv, self.proj = attention.qkv, attention.proj
         self.logit_scale = getattr(attention, "logit_scale", None)
         self.cosine = self.logit_scale is not None
-        if self.logit_scale is not None and attention.qkv.bias is not None:
-            self.qkv = nn.Linear(1, 1, device="meta")
-            self.qkv.in_features, self.qkv.out_features = attention.qkv.weight.shape[::-1]
-            self.qkv.weight = attention.qkv.weight
+        if self.cosine and attention.qkv.bias is not None:
             bias = attention.qkv.bias.detach().clone()
             bias[bias.numel() // 3 : 2 * bias.numel() // 3] = 0
-            self.qkv.bias = nn.Parameter(bias, requires_grad=False)
+            self.qkv = shared_linear(attention.qkv.weight, nn.Parameter(bias, requires_grad=False))
         self.attention = attention  # its relative position bias (a function of parameters)
 
     def forward(self, x: Tensor) -> Tensor:
