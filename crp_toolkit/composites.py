@@ -2,8 +2,10 @@
 ``crp_toolkit.engine.composites``)."""
 
 from crp_toolkit.engine.composites import (
+    CPLRP,
     ROUTING_DEFAULTS,
     WEIGHTED_KINDS,
+    AttnLRP,
     Composite,
     EpsilonAlpha2Beta1,
     EpsilonAlpha2Beta1Flat,
@@ -43,4 +45,6 @@ __all__ = [
     "EpsilonPlusFlat",
     "EpsilonAlpha2Beta1Flat",
     "EpsilonGammaBox",
+    "AttnLRP",
+    "CPLRP",
 ]

@@ -6,7 +6,7 @@ that only move, gate or normalise relevance; it is shown in the composite's ``re
 is also its identity in a store's provenance). A type map's keys are module classes (matched
 with ``isinstance``) or op kinds (strings, checked against the kinds the op registry knows,
 see ``crp_toolkit.engine.ops``: "conv", "linear", "add", "concat", "avgpool", "maxpool",
-"activation", "batchnorm", "reshape", "gate", "layernorm").
+"activation", "batchnorm", "reshape", "index", "gate", "layernorm", "softmax", "matmul").
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ from crp_toolkit.engine.graph import Graph, Layer
 from crp_toolkit.engine.ops import current_ops
 from crp_toolkit.engine.rules import (
     AlphaBetaRule,
+    ConstantWeightsRule,
     EpsilonRule,
     FlatRule,
     GammaRule,
     LayerNormRule,
     PassRule,
     Rule,
+    SoftmaxRule,
+    UniformRule,
     ZBoxRule,
     ZPlusRule,
 )
@@ -70,6 +73,7 @@ ROUTING_DEFAULTS: dict[TypeKey, Rule] = {
     "activation": PassRule(),
     "batchnorm": PassRule(),
     "reshape": PassRule(),
+    "index": PassRule(),
     "gate": PassRule(),
     "concat": PassRule(),
     "maxpool": PassRule(),
@@ -283,3 +287,62 @@ class EpsilonGammaBox(Composite):
     ) -> None:
         box = ZBoxRule(low, high, stabilizer)
         super().__init__(*_preset(epsilon, GammaRule(gamma, stabilizer), {"conv": box}))
+
+
+def _transformer_rules(
+    epsilon: float, gamma: float | None, stabilizer: float
+) -> dict[TypeKey, Rule]:
+    """Dense and conv layers (the patch embedding): Gamma(gamma) when ``gamma`` is given, else
+    Epsilon(epsilon); sums and average pooling: Epsilon(epsilon); LayerNorm/RMSNorm: the LN
+    rule (standard deviation constant) with the same epsilon."""
+    weighted = GammaRule(gamma, stabilizer) if gamma is not None else EpsilonRule(epsilon)
+    return {
+        **base_rules(epsilon),
+        "linear": weighted,
+        "conv": weighted,
+        "layernorm": LayerNormRule(epsilon),
+    }
+
+
+class AttnLRP(Composite):
+    """AttnLRP for transformers (Achtibat et al. 2024, ICML): softmax -> SoftmaxRule, matmuls
+    and gating products -> UniformRule, LayerNorm/RMSNorm -> std held constant, GELU/SiLU and
+    other activations -> identity; dense and conv layers -> Epsilon(epsilon), or Gamma(gamma)
+    when ``gamma`` is given; sums -> Epsilon(epsilon). ``stabilizer`` is Gamma's and the
+    uniform rule's."""
+
+    def __init__(
+        self, epsilon: float = 1e-6, gamma: float | None = None, stabilizer: float = 1e-6
+    ) -> None:
+        attention = {"softmax": SoftmaxRule(), "matmul": UniformRule(stabilizer)}
+        super().__init__(
+            TypeMap(
+                {
+                    **_transformer_rules(epsilon, gamma, stabilizer),
+                    **attention,
+                    "gate": UniformRule(),
+                }
+            )
+        )
+
+
+class CPLRP(Composite):
+    """CP-LRP for transformers (Ali et al. 2022, ICML): the attention weights are constants
+    (ConstantWeightsRule on softmax and matmuls: no relevance into q and k), LayerNorm with
+    the std constant, activations -> identity, gates -> the signal takes all; dense and conv
+    layers -> Epsilon(epsilon), or Gamma(gamma) when ``gamma`` is given. With a vanishing
+    epsilon this is LXT's efficient CP-LRP for torchvision's ViT (gradient times input)."""
+
+    def __init__(
+        self, epsilon: float = 1e-6, gamma: float | None = None, stabilizer: float = 1e-6
+    ) -> None:
+        constant = ConstantWeightsRule(epsilon)
+        super().__init__(
+            TypeMap(
+                {
+                    **_transformer_rules(epsilon, gamma, stabilizer),
+                    "softmax": constant,
+                    "matmul": constant,
+                }
+            )
+        )

@@ -9,6 +9,7 @@ after the module whose ``forward`` calls them (``layer1.0.add``).
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from collections import Counter
 from collections.abc import Callable
@@ -17,11 +18,21 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
-from crp_toolkit.engine.ops import GATE, GATE_SOURCES, Op, OpRegistry, current_ops
+from crp_toolkit.engine.attention import explicit_attention, explicit_sdpa
+from crp_toolkit.engine.ops import (
+    GATE,
+    GATE_SOURCES,
+    MATMUL,
+    SOFTMAX,
+    TUPLE_FUNCTIONS,
+    Op,
+    OpRegistry,
+    UnsupportedLayerError,
+    current_ops,
+    select_output,
+)
 
-
-class UnsupportedLayerError(TypeError):
-    """A layer or op of the model has no relevance rule; raised before anything runs."""
+__all__ = ["Graph", "Layer", "UnsupportedLayerError", "trace"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +49,8 @@ class Layer:
     node: fx.Node
     module: nn.Module | None
     inputs: tuple[int, ...]
-    gate: int | None = None  # for gating products: which input is the gate
+    # for gating products: which input is the gate; for matmuls: which factor is a softmax's
+    gate: int | None = None
 
     @property
     def kind(self) -> str:
@@ -125,11 +137,14 @@ class _Tracer(fx.Tracer):
 
 def trace(model: nn.Module, registry: OpRegistry | None = None) -> Graph:
     """Trace ``model`` with torch.fx and classify every op with ``registry`` (default: the
-    current one, see ``crp_toolkit.engine.ops.scoped_ops``); refuse unsupported ones."""
+    current one, see ``crp_toolkit.engine.ops.scoped_ops``); refuse unsupported ones.
+    Attention is written out as explicit ops first (``crp_toolkit.engine.attention``)."""
     registry = current_ops() if registry is None else registry
+    model = explicit_attention(model)  # a structural copy where it writes attention out
     tracer = _Tracer(registry)
     try:
-        fx_graph = tracer.trace(model)
+        optional = _optional_arguments(model)
+        fx_graph = tracer.trace(model, concrete_args=optional)
     except Exception as err:  # fx raises many types for untraceable control flow
         raise UnsupportedLayerError(
             f"could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}). "
@@ -137,6 +152,9 @@ def trace(model: nn.Module, registry: OpRegistry | None = None) -> Graph:
             "flow; wrap such parts in a leaf module and register an op for it "
             "(crp_toolkit.engine.ops.register_module_op)."
         ) from err
+    _fixed(fx_graph, list(optional.values()))
+    explicit_sdpa(fx_graph)
+    _split_tuple_ops(fx_graph)
     gm = fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
     layers: list[Layer] = []
     position: dict[fx.Node, int] = {}
@@ -166,12 +184,35 @@ def trace(model: nn.Module, registry: OpRegistry | None = None) -> Graph:
         name = _layer_name(node, calls)
         index = len(layers)
         inputs = tuple(position[n] for n in node.all_input_nodes if n in position)
-        gate = _gate_input(layers, inputs) if op is GATE else None
+        gate = _gate_input(layers, inputs, op)
         layers.append(Layer(index, name, op, node, module, inputs, gate))
         position[node] = index
     if input_node is None:
         raise UnsupportedLayerError("the model takes no input")
     return Graph(gm, layers, input_node, output_layer, _out_of_place(layers))
+
+
+def _optional_arguments(model: nn.Module) -> dict[str, object]:
+    """The arguments of ``forward`` after the input that have defaults (timm's ``attn_mask=None``,
+    ``is_causal=False``), fixed to them: the model is explained as a function of its input."""
+    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    empty = inspect.Parameter.empty
+    return {p.name: p.default for p in parameters if p.default is not empty}
+
+
+def _fixed(graph: fx.Graph, values: list[object]) -> None:
+    """Replace the placeholders after the input (fx keeps them for concrete arguments, read
+    only by its guards) with their fixed values."""
+    extra = [node for node in graph.nodes if node.op == "placeholder"][1:]
+    if len(extra) != len(values):
+        return  # not the concrete arguments: trace() refuses the extra inputs
+    for node, value in zip(extra, values, strict=True):
+        for user in list(node.users):
+            user.args, user.kwargs = fx.node.map_arg(
+                (user.args, user.kwargs),
+                lambda n, node=node, value=value: value if n is node else n,
+            )
+        graph.erase_node(node)
 
 
 def _out_of_place(layers: list[Layer]) -> dict[str, nn.Module]:
@@ -184,12 +225,40 @@ def _out_of_place(layers: list[Layer]) -> dict[str, nn.Module]:
     return copies
 
 
-def _gate_input(layers: list[Layer], inputs: tuple[int, ...]) -> int | None:
-    """The factor of a product that comes straight from a sigmoid-like op, if exactly one."""
+def _split_tuple_ops(graph: fx.Graph) -> None:
+    """Rewrite ``chunk(x)[i]`` (and split, unbind) to ``select_output(chunk, i, x)``, one op
+    with one tensor output per item, so relevance can flow back through each."""
+    for node in list(graph.nodes):
+        source = node.args[0] if node.target is operator.getitem and node.args else None
+        if not isinstance(source, fx.Node) or not isinstance(node.args[1], int):
+            continue
+        function = TUPLE_FUNCTIONS.get(source.target) if source.op != "get_attr" else None
+        if function is None or source.op == "call_module":
+            continue
+        with graph.inserting_before(node):
+            item = graph.call_function(
+                select_output, (function, node.args[1], *source.args), dict(source.kwargs)
+            )
+        item.meta = dict(source.meta)
+        node.replace_all_uses_with(item)
+        graph.erase_node(node)
+        if not source.users:
+            graph.erase_node(source)
+
+
+def _gate_input(layers: list[Layer], inputs: tuple[int, ...], op: Op) -> int | None:
+    """For a gating product, the factor that comes straight from a sigmoid-like op; for a
+    matmul, the factor that comes from a softmax (the attention weights); if exactly one."""
+    if op is not GATE and op is not MATMUL:
+        return None
 
     def is_gate(i: int) -> bool:
+        while op is MATMUL and i >= 0 and isinstance(layers[i].module, (nn.Dropout, nn.Identity)):
+            i = layers[i].inputs[0]  # attention dropout (identity in eval) after the softmax
         if i < 0:
             return False
+        if op is MATMUL:
+            return layers[i].op is SOFTMAX
         source = layers[i].module if layers[i].module is not None else layers[i].node.target
         kinds = tuple(k for k in GATE_SOURCES if isinstance(k, type))
         return isinstance(source, kinds) or (
@@ -234,7 +303,9 @@ def _layer_name(node: fx.Node, calls: Counter[str]) -> str:
     else:
         stack = node.meta.get("nn_module_stack") or {}
         scope = next(reversed(stack.values()))[0] if stack else ""
-        op_name = getattr(node.target, "__name__", str(node.target)).strip("_")
+        target = node.target
+        op_name = node.args[0] if target is select_output else getattr(target, "__name__", "")
+        op_name = (op_name or str(target)).strip("_")
         base = f"{scope}.{op_name}" if scope else op_name
     calls[base] += 1
     return base if calls[base] == 1 else f"{base}#{calls[base]}"

@@ -194,6 +194,9 @@ class LRP:
             pooled=fp.pooled.get(layer.index),
             params=self._params.view(layer.index),
             cache=fp.cache.setdefault(layer.index, {}) if fp.reuse else None,
+            arguments=lambda: fx.node.map_arg(
+                (layer.node.args, layer.node.kwargs), lambda n: fp.values[n]
+            ),
         )
         return self.rules[layer.index].relevance_in(values, R)
 
@@ -335,9 +338,15 @@ def _checked_rules(graph: Graph, rules: Sequence[Rule | None]) -> list[Rule]:
     for layer, rule in zip(graph.layers, rules, strict=True):
         where = f"layer {layer.name!r} ({layer.type_name}, kind {layer.kind!r})"
         if rule is None:
+            attention = (
+                "; attention needs a transformer composite: ct.composites.AttnLRP() or CPLRP()"
+                if layer.kind in ("softmax", "matmul")
+                else ""
+            )
             raise UnsupportedLayerError(
                 f"the composite assigns no rule to {where}; add one, e.g. "
                 f"TypeMap({{{layer.kind!r}: EpsilonRule()}}) or NameMap({{{layer.name!r}: ...}})"
+                f"{attention}"
             )
         if not rule.is_compatible(layer):
             raise UnsupportedLayerError(
@@ -353,11 +362,6 @@ def _refuse_softmax_output(graph: Graph) -> None:
             f"the model's output ends in a softmax ({last.name!r}); LRP explains logits. "
             "Remove it first: model = crp_toolkit.strip_softmax(model)"
         )
-    for layer in graph.layers:
-        if layer.kind == "softmax":
-            raise UnsupportedLayerError(
-                f"softmax inside the model at {layer.name!r} has no LRP rule; register an op for it"
-            )
 
 
 def _check_input(x: Tensor, graph: Graph) -> None:
@@ -390,7 +394,8 @@ def _check_input(x: Tensor, graph: Graph) -> None:
 def _check_eval_mode(model: nn.Module) -> None:
     stochastic = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
     for name, module in model.named_modules():
-        if module.training and isinstance(module, stochastic):
+        attention_dropout = isinstance(module, nn.MultiheadAttention) and module.dropout > 0
+        if module.training and (isinstance(module, stochastic) or attention_dropout):
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}) is in training mode, so its output "
                 "depends on the batch or on chance; call model.eval() before explaining"

@@ -21,6 +21,10 @@ from torch import Tensor, nn
 Evaluate = Callable[[Sequence[Tensor]], Tensor]
 
 
+class UnsupportedLayerError(TypeError):
+    """A layer or op of the model has no relevance rule; raised before anything runs."""
+
+
 @dataclass(frozen=True)
 class Op:
     """An op kind. ``linear``: the output is a linear map of the inputs (plus bias), so the
@@ -58,6 +62,62 @@ class Reshape(Op):
         return [R.reshape(R.shape[0], *inputs[0].shape)] + [None] * (len(inputs) - 1)
 
     transpose = route
+
+
+@dataclass(frozen=True)
+class Reindex(Op):
+    """Ops that only move, copy or drop values (permute, transpose, indexing and slicing,
+    roll, pad, expand, concatenation, one output of chunk/split/unbind): relevance goes back
+    through the transpose of the selection, so every input position gets exactly the relevance
+    of the output positions that read it (summed where it was read twice, none if unread)."""
+
+    def route(
+        self, R: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate, gate: int | None = None
+    ) -> list[Tensor | None]:
+        return selection_transpose(evaluate, inputs, R)
+
+    transpose = route
+
+
+def selection_transpose(
+    evaluate: Evaluate, inputs: Sequence[Tensor], grad: Tensor
+) -> list[Tensor | None]:
+    """``J^T grad`` of a linear, parameter-free op, evaluated once at zeros shaped like
+    ``inputs`` (so shape arguments computed from the batch size stay valid); the concept axis
+    of ``grad`` (K, B, ...) is handled by batched gradients instead of folding it into the
+    batch. Integer inputs (indices) get none."""
+    zeros = [
+        torch.zeros(x.shape, dtype=x.dtype, device=x.device, requires_grad=x.is_floating_point())
+        for x in inputs
+    ]
+    leaves = [z for z in zeros if z.requires_grad]
+    k = grad.shape[0]
+    with torch.enable_grad():
+        out = evaluate(zeros)
+        grads = iter(
+            torch.autograd.grad(
+                out, leaves, grad if k > 1 else grad[0], allow_unused=True, is_grads_batched=k > 1
+            )
+        )
+    result: list[Tensor | None] = []
+    for z in zeros:
+        g = next(grads) if z.requires_grad else None
+        result.append(None if g is None else g if k > 1 else g[None])
+    return result
+
+
+def select_output(function: str, index: int, *args, **kwargs) -> Tensor:
+    """``torch.<function>(*args, **kwargs)[index]``: one output of an op that returns several
+    tensors (chunk, split, unbind), as an op of its own; the tracer rewrites ``x.chunk(2)[i]``
+    to ``select_output("chunk", i, x, 2)``."""
+    return getattr(torch, function)(*args, **kwargs)[index]
+
+
+# Ops that return a tuple of tensors (functions and methods), by the name select_output takes.
+TUPLE_FUNCTIONS: dict[Callable | str, str] = {
+    **{getattr(torch, name): name for name in ("chunk", "split", "unbind", "tensor_split")},
+    **{name: name for name in ("chunk", "split", "unbind", "tensor_split")},
+}
 
 
 @dataclass(frozen=True)
@@ -243,11 +303,13 @@ ELEMENTWISE = Op("activation", elementwise=True)
 BATCHNORM = Op("batchnorm", elementwise=True)
 LAYERNORM = Op("layernorm", elementwise=True)
 RESHAPE = Reshape("reshape", linear=True)
-CONCAT = Op("concat", linear=True)
+CONCAT = Reindex("concat", linear=True)
+INDEX = Reindex("index", linear=True)
 SUM = Sum("add", linear=True)
 AVGPOOL = Op("avgpool", linear=True)
 MAXPOOL = MaxPool("maxpool")
 SOFTMAX = Op("softmax")
+MATMUL = Op("matmul")  # products of two activations (attention scores, attention times v)
 GATE = Gate("gate")
 GATE_SOURCES = (nn.Sigmoid, nn.Hardsigmoid, torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid")
 DENSE = Dense("linear", linear=True, parametric=True)
@@ -260,10 +322,13 @@ KINDS = frozenset(
         BATCHNORM,
         LAYERNORM,
         RESHAPE,
+        INDEX,
         CONCAT,
         SUM,
         AVGPOOL,
         MAXPOOL,
+        SOFTMAX,
+        MATMUL,
         GATE,
         DENSE,
         CONV,
@@ -285,6 +350,7 @@ _MODULE_OPS: dict[type, Op] = {
     },
     **{t: BATCHNORM for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
     nn.LayerNorm: LAYERNORM,
+    nn.RMSNorm: LAYERNORM,
     **{
         t: AVGPOOL
         for t in (
@@ -371,11 +437,34 @@ _FUNCTION_OPS: dict[Callable, Op] = {
             F.dropout2d,
         )
     },
-    **{f: RESHAPE for f in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)},
+    **{
+        f: RESHAPE
+        for f in (torch.flatten, torch.unflatten, torch.reshape, torch.squeeze, torch.unsqueeze)
+    },
+    **{
+        f: INDEX
+        for f in (
+            operator.getitem,
+            select_output,
+            torch.permute,
+            torch.transpose,
+            torch.swapaxes,
+            torch.movedim,
+            torch.roll,
+            torch.narrow,
+            torch.select,
+            torch.flip,
+            F.pad,
+        )
+    },
     **{f: SUM for f in (operator.add, operator.iadd, torch.add)},
-    torch.cat: CONCAT,
-    torch.concat: CONCAT,
+    **{f: CONCAT for f in (torch.cat, torch.concat, torch.stack)},
+    **{f: MATMUL for f in (torch.matmul, operator.matmul, torch.bmm, torch.einsum)},
+    **{f: LAYERNORM for f in (F.layer_norm, F.rms_norm)},
     **{f: GATE for f in (operator.mul, operator.imul, torch.mul)},
+    # division: the divisor is held constant (as the standard deviation in LayerNorm), so
+    # relevance passes to the dividend (timm's distilled heads average with ``/ 2``)
+    **{f: ELEMENTWISE for f in (operator.truediv, torch.div)},
     **{
         f: AVGPOOL
         for f in (
@@ -405,7 +494,17 @@ _FUNCTION_OPS: dict[Callable, Op] = {
 
 _METHOD_OPS: dict[str, Op] = {
     **{m: ELEMENTWISE for m in ("relu", "relu_", "sigmoid", "tanh", "contiguous", "clone")},
-    **{m: RESHAPE for m in ("view", "reshape", "flatten", "squeeze", "unsqueeze")},
+    **{
+        m: RESHAPE
+        for m in ("view", "view_as", "reshape", "reshape_as", "flatten", "unflatten")
+        + ("squeeze", "unsqueeze")
+    },
+    **{
+        m: INDEX
+        for m in ("permute", "transpose", "swapaxes", "movedim", "roll", "narrow", "select")
+        + ("flip", "expand", "expand_as", "repeat", "t")
+    },
+    **{m: MATMUL for m in ("matmul", "bmm")},
     **{m: SUM for m in ("add", "add_")},
     **{m: GATE for m in ("mul", "mul_")},
     "mean": AVGPOOL,
@@ -427,15 +526,18 @@ class OpRegistry:
     def kinds(self) -> frozenset[str]:
         """Every op kind the registry knows (composites' type maps are checked against it)."""
         tables = (self.modules, self.functions, self.methods)
-        return frozenset(op.kind for table in tables for op in table.values()) - {SOFTMAX.kind}
+        return frozenset(op.kind for table in tables for op in table.values())
 
     def copy(self) -> OpRegistry:
         return OpRegistry(dict(self.modules), dict(self.functions), dict(self.methods))
 
     def for_module(self, module: nn.Module) -> Op | None:
+        """The op of the nearest registered class of ``module``; None for a subclass that
+        overrides that class's ``forward`` (it may compute more, e.g. torchvision's
+        channel-first LayerNorm2d permutes around the norm), so it is traced through."""
         for cls in type(module).__mro__:
             if cls in self.modules:
-                return self.modules[cls]
+                return self.modules[cls] if type(module).forward is cls.forward else None
         return None
 
     def for_function(self, function: Callable, node: fx.Node) -> Op | None:

@@ -18,7 +18,9 @@ rule states its parts (``parts()``); ``crp_toolkit.engine.terms`` evaluates them
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, fields, is_dataclass
+from operator import matmul as operator_matmul
 from typing import ClassVar
 
 import torch
@@ -26,6 +28,7 @@ from torch import Tensor
 
 from crp_toolkit.engine import terms
 from crp_toolkit.engine.graph import Layer
+from crp_toolkit.engine.ops import vjp
 from crp_toolkit.engine.terms import (
     LayerValues,
     Modifier,
@@ -65,6 +68,9 @@ __all__ = [
     "ZBoxRule",
     "PassRule",
     "LayerNormRule",
+    "SoftmaxRule",
+    "UniformRule",
+    "ConstantWeightsRule",
 ]
 
 
@@ -263,8 +269,8 @@ class ZBoxRule(TermRule):
         return (Part(terms),)
 
 
-# Linear kinds that mix values (PassRule would change their number).
-_MIXING_KINDS = ("add", "avgpool", "conv", "linear")
+# Kinds that mix values (PassRule would change their number) or whose transpose is no routing.
+_MIXING_KINDS = ("add", "avgpool", "conv", "linear", "matmul", "softmax")
 
 
 @dataclass(repr=False)
@@ -298,24 +304,208 @@ class PassRule(Rule):
 class LayerNormRule(Rule):
     """LN-rule: ``y = (x - mean(x)) * g / sigma + b`` with ``sigma`` held constant, relevance
     redistributed by the epsilon rule through that linear map:
-    ``R_in = x * (u - mean(u))``, ``u = g / sigma * R / s(y)``. Ali et al. 2022, "XAI for
-    transformers: better explanations through conservative propagation", ICML."""
+    ``R_in = x * (u - mean(u))``, ``u = g / sigma * R / s(y)``; for RMSNorm
+    (``y = x * g / rms(x)``, no centering) ``R_in = x * u``. Ali et al. 2022, "XAI for
+    transformers: better explanations through conservative propagation", ICML; the same rule
+    is AttnLRP's (Achtibat et al. 2024, ICML). Fits ``nn.LayerNorm``, ``nn.RMSNorm`` and
+    ``F.layer_norm`` / ``F.rms_norm`` called in ``forward``."""
 
     stabilizer: float = 1e-6
-    fits: ClassVar[str] = "LayerNorm layers"
+    fits: ClassVar[str] = "LayerNorm and RMSNorm layers"
 
     def is_compatible(self, layer: Layer) -> bool:
         return layer.kind == "layernorm"
 
     def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
-        module, x = values.layer.module, values.inputs[0]
-        dims = tuple(range(-len(module.normalized_shape), 0))
-        mean = x.mean(dims, keepdim=True)
-        sigma = (x.var(dims, unbiased=False, keepdim=True) + module.eps).sqrt()
-        gain = module.weight / sigma if module.weight is not None else 1.0 / sigma
-        y = (x - mean) * gain + (module.bias if module.bias is not None else 0.0)
+        x = values.inputs[0]
+        norm = _norm_of(values)
+        dims = tuple(range(-len(norm.shape), 0))
+        if norm.centered:
+            mean = x.mean(dims, keepdim=True)
+            sigma = (x.var(dims, unbiased=False, keepdim=True) + norm.eps).sqrt()
+        else:
+            mean = 0.0
+            sigma = (x.pow(2).mean(dims, keepdim=True) + norm.eps).sqrt()
+        gain = norm.weight / sigma if norm.weight is not None else 1.0 / sigma
+        y = (x - mean) * gain + (norm.bias if norm.bias is not None else 0.0)
         u = R / stabilize(y, self.stabilizer) * gain
-        return [x * (u - u.mean(dims, keepdim=True))]
+        return [x * (u - u.mean(dims, keepdim=True)) if norm.centered else x * u]
+
+
+@dataclass(frozen=True)
+class _Norm:
+    """What a LayerNorm / RMSNorm layer normalises and with which parameters."""
+
+    shape: tuple[int, ...]
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+    centered: bool
+
+
+def _norm_of(values: LayerValues) -> _Norm:
+    """The normalisation of a norm module, or of ``F.layer_norm`` / ``F.rms_norm`` from its
+    traced call arguments."""
+    layer, x = values.layer, values.inputs[0]
+    module = layer.module
+    if module is not None:
+        centered = not isinstance(module, torch.nn.RMSNorm)
+        found = (module.normalized_shape, module.weight, getattr(module, "bias", None))
+        eps = module.eps
+    else:
+        args, kwargs = values.arguments()
+        bound = inspect.signature(layer.node.target).bind(*args, **kwargs).arguments
+        centered = layer.node.target is torch.nn.functional.layer_norm
+        found = (bound["normalized_shape"], bound.get("weight"), bound.get("bias"))
+        eps = bound.get("eps", 1e-5 if centered else None)
+    shape, weight, bias = found
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    return _Norm(tuple(shape), weight, bias, float(eps), centered)
+
+
+@dataclass(repr=False)
+class SoftmaxRule(Rule):
+    """AttnLRP's softmax rule, a deep Taylor decomposition at the input:
+    ``R_in = x * (R - s * sum(R))``, ``s = softmax(x)``, the sum along the softmax's dim
+    (logits masked to -inf get none). Achtibat et al. 2024, "AttnLRP: attention-aware
+    layer-wise relevance propagation for transformers", ICML, Proposition 3.1."""
+
+    fits: ClassVar[str] = "softmax layers (not log-softmax)"
+
+    def is_compatible(self, layer: Layer) -> bool:
+        return layer.kind == "softmax" and not _is_log_softmax(layer)
+
+    def reads_output(self, layer: Layer) -> bool:
+        return True
+
+    def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
+        x, s = values.inputs[0], values.output
+        dim = _softmax_dim(values)
+        x = torch.where(torch.isneginf(x), torch.zeros_like(x), x)
+        return [x * (R - s * R.sum(dim, keepdim=True))]
+
+
+@dataclass(repr=False)
+class UniformRule(Rule):
+    """AttnLRP's uniform rule for products of two activations. A matmul ``z = a @ b`` (or a
+    two-operand einsum): each factor gets half of the epsilon-LRP relevance computed with the
+    other held constant, ``R_a = a * ((R / 2s(z)) @ b^T)``, ``R_b = b * (a^T @ (R / 2s(z)))``
+    (Proposition 3.3); an elementwise product (a gate) gives each factor ``R / 2``
+    (Proposition 3.2), summed over the axes it was broadcast along. Achtibat et al. 2024,
+    "AttnLRP", ICML."""
+
+    stabilizer: float = 1e-6
+    fits: ClassVar[str] = "products of activations (matmul, einsum, elementwise gates)"
+
+    def is_compatible(self, layer: Layer) -> bool:
+        return layer.kind in ("matmul", "gate")
+
+    def reads_output(self, layer: Layer) -> bool:
+        return layer.kind == "matmul"
+
+    def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
+        n = len(values.layer.inputs)
+        if values.layer.kind == "gate":
+            return [_unbroadcast(R / n, x.shape) for x in values.inputs]
+        s = R / stabilize(values.output, self.stabilizer) / n
+        grads = _product_transpose(values, s)
+        return [x * g for x, g in zip(values.inputs, grads, strict=True)]
+
+
+@dataclass(repr=False)
+class ConstantWeightsRule(Rule):
+    """CP-LRP: the attention weights (a softmax's output) are constants. At ``A @ v`` the
+    factor from the softmax is held constant and the other gets the epsilon-LRP relevance,
+    ``R_v = v * (A^T @ (R / s(z)))``; at the softmax, and at the product that computes the
+    attention scores (``q @ k^T``, read only by a softmax), relevance stops, so none flows into
+    q and k. Ali et al. 2022, "XAI for transformers: better explanations through conservative
+    propagation", ICML."""
+
+    stabilizer: float = 1e-6
+    fits: ClassVar[str] = (
+        "softmax layers and matmuls with one factor from a softmax (attention times v) or "
+        "read only by a softmax (attention scores)"
+    )
+
+    def is_compatible(self, layer: Layer) -> bool:
+        if layer.kind == "softmax":
+            return not _is_log_softmax(layer)
+        return layer.kind == "matmul" and (layer.gate is not None or _feeds_softmax(layer.node))
+
+    def reads_inputs(self, layer: Layer) -> bool:
+        return layer.kind == "matmul" and layer.gate is not None
+
+    def reads_output(self, layer: Layer) -> bool:
+        return self.reads_inputs(layer)
+
+    def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
+        layer = values.layer
+        out: list[Tensor | None] = [None] * len(layer.inputs)
+        if layer.kind == "matmul" and layer.gate is not None:
+            s = R / stabilize(values.output, self.stabilizer)
+            signal = 1 - layer.gate
+            out[signal] = values.inputs[signal] * _product_transpose(values, s)[signal]
+        return out
+
+
+def _is_log_softmax(layer: Layer) -> bool:
+    target = layer.node.target
+    return isinstance(layer.module, torch.nn.LogSoftmax) or target in (
+        torch.nn.functional.log_softmax,
+        torch.log_softmax,
+        "log_softmax",
+    )
+
+
+def _softmax_dim(values: LayerValues) -> int:
+    """The softmax's dim, negative (so it also indexes relevance with its concept axis)."""
+    module, ndim = values.layer.module, values.inputs[0].dim()
+    if module is not None:
+        dim = module.dim
+    else:
+        args, kwargs = values.arguments()
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if dim is None:
+        raise ValueError(f"softmax {values.layer.name!r} has no explicit dim; give one")
+    return dim - ndim if dim >= 0 else dim
+
+
+def _feeds_softmax(node: object) -> bool:
+    """Whether every use of ``node`` (through other ops) ends in a softmax: it computes
+    attention scores."""
+    users = list(node.users)
+    if not users:
+        return False
+    for user in users:
+        target = user.target
+        if user.op == "call_module":
+            target = type(user.graph.owning_module.get_submodule(target)).__name__.lower()
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        if name != "softmax" and (user.op == "output" or not _feeds_softmax(user)):
+            return False
+    return True
+
+
+def _unbroadcast(R: Tensor, shape: torch.Size) -> Tensor:
+    """Sum (K, ...) relevance down to (K, *shape) over the axes ``shape`` was broadcast along."""
+    lead = R.dim() - 1 - len(shape)
+    summed = R.sum(tuple(range(1, 1 + lead))) if lead else R
+    axes = [i + 1 for i, n in enumerate(shape) if n == 1 and summed.shape[i + 1] != 1]
+    return summed.sum(axes, keepdim=True) if axes else summed
+
+
+_MATMULS = (torch.matmul, torch.bmm, "matmul", "bmm", operator_matmul)
+
+
+def _product_transpose(values: LayerValues, s: Tensor) -> list[Tensor]:
+    """``J_a^T s`` and ``J_b^T s`` of a product of two tensors, each with the other held
+    constant (the product is bilinear, so these are the gradients at the inputs)."""
+    a, b = values.inputs
+    if values.layer.node.target in _MATMULS and a.dim() >= 2 and b.dim() >= 2:
+        ga = _unbroadcast(s @ b.transpose(-1, -2), a.shape)
+        gb = _unbroadcast(a.transpose(-1, -2) @ s, b.shape)
+        return [ga, gb]
+    return vjp(values.evaluate, [a, b], s)
 
 
 def _positive_terms() -> tuple[Term, Term]:

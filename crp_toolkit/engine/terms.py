@@ -124,7 +124,8 @@ class LayerValues:
     ``pooled``: (winner indices, input shape) recorded by a max-pooling layer; ``params``:
     ``params(key, parameter, modify)`` is ``modify(parameter)`` computed once per parameter
     version; ``cache``: tensors a rule may keep for later relevance passes over the same
-    forward pass (None when only one follows).
+    forward pass (None when only one follows); ``arguments()``: the layer's call arguments
+    (args, kwargs) with traced values filled in (a functional op's weights, dims...).
     """
 
     layer: Layer
@@ -135,6 +136,7 @@ class LayerValues:
     pooled: tuple[Tensor, torch.Size] | None
     params: ParamView
     cache: dict | None
+    arguments: Callable[[], tuple[tuple, dict]] = lambda: ((), {})
 
 
 def relevance(

@@ -1,0 +1,225 @@
+"""Attention canonizer: attention written out as explicit ops (projections, ``q k^T`` scaled,
+softmax, attention times v, output projection), so that every product and the softmax is a
+layer of its own with its own rule (AttnLRP, CP-LRP).
+
+``explicit_attention(model)`` replaces every ``nn.MultiheadAttention`` by
+:class:`ExplicitAttention` in a structural copy of the model (only the modules on the way to
+an attention module are copied; parameters and every other module are shared), each checked
+to compute the same function as the module it replaces. ``explicit_sdpa(graph)`` rewrites the
+calls of ``F.scaled_dot_product_attention`` in a traced graph (timm's fused attention) into
+the same ops. What either cannot write out is refused, naming where it is; nothing is passed
+as identity.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from crp_toolkit.engine.ops import UnsupportedLayerError, current_ops
+
+_HOW = (
+    "write the attention with explicit ops in forward (matmul, softmax) or register an op "
+    "for the module with crp_toolkit.engine.ops.register_module_op"
+)
+
+
+class ExplicitAttention(nn.Module):
+    """``nn.MultiheadAttention`` (self-attention, no masks) as explicit ops, sharing the
+    module's parameters: ``in_proj`` is a Linear over its packed q/k/v weights (or three
+    Linears over separate ones), ``out_proj`` is its own."""
+
+    def __init__(self, mha: nn.MultiheadAttention, path: str) -> None:
+        super().__init__()
+        refusal = _undecomposable(mha)
+        if refusal:
+            raise UnsupportedLayerError(
+                f"cannot write out the attention module {path!r} (MultiheadAttention): "
+                f"{refusal}; {_HOW}"
+            )
+        self.path = path
+        self.num_heads = mha.num_heads
+        self.batch_first = mha.batch_first
+        self.scale = float(mha.head_dim) ** -0.5
+        self.packed = mha._qkv_same_embed_dim
+        if self.packed:
+            self.in_proj = _linear(mha.in_proj_weight, mha.in_proj_bias)
+        else:
+            biases = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)
+            weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+            self.q_proj, self.k_proj, self.v_proj = (
+                _linear(w, None if b is None else nn.Parameter(b))
+                for w, b in zip(weights, biases, strict=True)
+            )
+        self.out_proj = mha.out_proj
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise UnsupportedLayerError(
+                f"attention module {self.path!r} is called with a mask; masked attention is "
+                f"not written out yet; {_HOW}"
+            )
+        if self.packed and not (query is key and key is value):
+            raise UnsupportedLayerError(
+                f"attention module {self.path!r} attends across different tensors with packed "
+                f"projection weights, which is not written out yet; {_HOW}"
+            )
+        x = query if self.batch_first else query.transpose(0, 1)
+        if self.packed:
+            q, k, v = self.in_proj(x).chunk(3, dim=-1)
+        else:
+            kv = (key, value) if self.batch_first else (key.transpose(0, 1), value.transpose(0, 1))
+            q, k, v = self.q_proj(x), self.k_proj(kv[0]), self.v_proj(kv[1])
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
+        weights = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
+        out = self.out_proj((weights @ v).transpose(1, 2).flatten(2))
+        out = out if self.batch_first else out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, weights.mean(1) if average_attn_weights else weights
+
+
+def _linear(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
+    """An ``nn.Linear`` holding the given parameters themselves (no copy)."""
+    linear = nn.Linear(1, 1, bias=bias is not None, device="meta")
+    linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
+    linear.weight = weight
+    if bias is not None:
+        linear.bias = bias
+    return linear
+
+
+def _undecomposable(mha: nn.MultiheadAttention) -> str:
+    """Why ``mha`` cannot be written out, or '' if it can."""
+    if mha.bias_k is not None or mha.bias_v is not None:
+        return "it has bias_k/bias_v (add_bias_kv=True)"
+    if mha.add_zero_attn:
+        return "it has add_zero_attn=True"
+    return ""
+
+
+def explicit_attention(model: nn.Module) -> nn.Module:
+    """``model`` itself if it has no attention to rewrite, else a structural copy in which
+    every ``nn.MultiheadAttention`` the op registry does not know is an
+    :class:`ExplicitAttention` (checked to compute the same function), and every module with
+    ``fused_attn = False`` (timm's switch; its unfused path calls mask helpers that are opaque
+    to tracing) has it on, so that its ``F.scaled_dot_product_attention`` is written out by
+    ``explicit_sdpa``. The caller's model is not modified."""
+    registry = current_ops()
+    replacements: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and registry.for_module(module) is None:
+            replacements[path] = _checked(module, path)
+        elif getattr(module, "fused_attn", None) is False:
+            replacements[path] = copy.copy(module)
+            replacements[path].fused_attn = True
+    return _with_replaced(model, replacements) if replacements else model
+
+
+def _checked(mha: nn.MultiheadAttention, path: str) -> ExplicitAttention:
+    """The explicit form of ``mha``, refused loudly unless it computes the same function on a
+    random input (in eval mode)."""
+    explicit = ExplicitAttention(mha, path)
+    reference = copy.deepcopy(mha).eval() if mha.training else mha
+    p = mha.out_proj.weight
+    shape = (2, 5, mha.embed_dim) if mha.batch_first else (5, 2, mha.embed_dim)
+    generator = torch.Generator(device=p.device).manual_seed(0)
+    x = torch.randn(shape, dtype=p.dtype, device=p.device, generator=generator)
+    with torch.no_grad():
+        want = reference(x, x, x, need_weights=False)[0]
+        got = explicit(x, x, x, need_weights=False)[0]
+    error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+    if not error <= 1e3 * torch.finfo(p.dtype).eps:
+        raise UnsupportedLayerError(
+            f"the explicit form of attention module {path!r} does not compute what the module "
+            f"does (relative difference {error:.3g}); {_HOW}"
+        )
+    return explicit
+
+
+def _with_replaced(root: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+    """A copy of ``root`` with the submodules at the given paths replaced; only the modules on
+    the way to them are (shallowly) copied, everything else is shared."""
+    if "" in replacements:
+        return replacements[""]
+    clone = copy.copy(root)
+    clone._modules = dict(root._modules)
+    below: dict[str, dict[str, nn.Module]] = {}
+    for path, new in replacements.items():
+        head, _, rest = path.partition(".")
+        below.setdefault(head, {})[rest] = new
+    for head, sub in below.items():
+        clone._modules[head] = _with_replaced(root._modules[head], sub)
+    return clone
+
+
+_SDPA_PARAMETERS = (
+    "query",
+    "key",
+    "value",
+    "attn_mask",
+    "dropout_p",
+    "is_causal",
+    "scale",
+    "enable_gqa",
+)
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None}
+
+
+def explicit_sdpa(graph: fx.Graph) -> None:
+    """Rewrite each ``F.scaled_dot_product_attention(q, k, v)`` node of ``graph`` into
+    ``softmax(q @ k^T * scale) @ v``; masks, causal masking, dropout and grouped-query
+    attention are refused, naming the node and the module that calls it."""
+    for node in list(graph.nodes):
+        if node.target is not F.scaled_dot_product_attention:
+            continue
+        bound = {**_SDPA_DEFAULTS, **dict(zip(_SDPA_PARAMETERS, node.args)), **node.kwargs}
+        unsupported = [
+            name
+            for name in ("attn_mask", "dropout_p", "is_causal", "enable_gqa")
+            if bound.get(name) not in (None, False, 0.0)
+        ]
+        if unsupported:
+            stack = node.meta.get("nn_module_stack") or {}
+            scope = next(reversed(stack.values()))[0] if stack else "<top level>"
+            raise UnsupportedLayerError(
+                f"cannot write out scaled_dot_product_attention (node {node.name!r}) inside "
+                f"{scope!r} with {', '.join(unsupported)}; {_HOW}"
+            )
+        with graph.inserting_before(node):
+            out = _written_out(graph, node, bound)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+
+
+def _written_out(graph: fx.Graph, node: fx.Node, bound: dict) -> fx.Node:
+    """The nodes of ``softmax(q @ k^T * scale) @ v``, named after the module of ``node``."""
+    meta = {"nn_module_stack": node.meta.get("nn_module_stack", {})}
+
+    def add(kind: str, target, *args) -> fx.Node:
+        new = graph.create_node(kind, target, args)
+        new.meta = dict(meta)
+        return new
+
+    q, scale = bound["query"], bound["scale"]
+    key_t = add("call_method", "transpose", bound["key"], -2, -1)
+    scores = add("call_function", torch.matmul, q, key_t)
+    if scale is None:
+        scale = add("call_function", operator.pow, add("call_method", "size", q, -1), -0.5)
+    weights = add("call_method", "softmax", add("call_function", operator.mul, scores, scale), -1)
+    return add("call_function", torch.matmul, weights, bound["value"])
