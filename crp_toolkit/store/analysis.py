@@ -18,9 +18,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from crp_toolkit.concepts.concepts import ChannelConcept
+from crp_toolkit.concepts.concepts import ChannelConcept, concept_on, feature_first
 from crp_toolkit.concepts.conditional import propagate_conditioned
 from crp_toolkit.data.loading import Batch, first_readable, grouped
+from crp_toolkit.engine.layout import feature_axes
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.store.study import make_provenance
 from crp_toolkit.store.tables import SOURCES, chunk_tables, merge_when_complete
@@ -78,11 +79,13 @@ def top_concept_heatmaps(
     graph = analyzer.graph
     index = {name: graph.index(name) for name in concepts}
     fp = analyzer.forward(x, reuse=True, keep=list(index.values()))
+    axes = feature_axes(analyzer, x.shape[1:])
     init = {graph.output_layer: analyzer.output_relevance(fp.output, target)[None]}
     out = {}
     for name, ids in concepts.items():
         grid = ids.T[..., None].tolist()  # [slot j][sample b] -> [concept id]
-        masks = {index[name]: ChannelConcept().mask(grid, fp.value(index[name]))}
+        channels = concept_on(ChannelConcept(), axes[index[name]], name)
+        masks = {index[name]: channels.mask(grid, fp.value(index[name]))}
         relevance, _ = propagate_conditioned(analyzer, fp, init, masks)
         out[name] = relevance.sum(2).transpose(0, 1)  # (n, B, C, ...) -> (B, n, ...)
     return out
@@ -108,8 +111,11 @@ def analyze_batch(
         "samples/valid": np.ones(len(x), dtype=bool),
     }
     top: dict[str, Tensor] = {}
+    axes = feature_axes(analyzer, x.shape[1:])
     for name in layers:
-        relevance, activation = expl.relevances[name], expl.activations[name]
+        axis = axes[analyzer.graph.index(name)]
+        relevance = feature_first(expl.relevances[name], axis, name)
+        activation = feature_first(expl.activations[name], axis, name)
         for stat, values in layer_statistics(relevance, activation, layout.options.maps).items():
             out[f"layers/{name}/{stat}"] = values
         if layout.options.top_heatmaps:
@@ -220,11 +226,17 @@ def probe_layout(
             f"{tuple(probe_x.shape)}; set top_heatmaps=0 for this dataset"
         )
     index = [analyzer.graph.index(n) for n in layers]
-    probe = analyzer.forward(torch.as_tensor(probe_x)[None].to(device), keep=index)
+    x = torch.as_tensor(probe_x)[None].to(device)
+    probe = analyzer.forward(x, keep=index)
+    axes = feature_axes(analyzer, x.shape[1:])
+    shapes = {
+        n: tuple(feature_first(probe.value(i), axes[i], n).shape[1:])
+        for n, i in zip(layers, index, strict=True)
+    }
     layout = Layout(
         len(dataset),
         probe.output.shape[1],
-        {n: tuple(probe.value(i).shape[1:]) for n, i in zip(layers, index, strict=True)},
+        shapes,
         options,
         input_shape=tuple(probe_x.shape[1:]),
         class_names=tuple(str(name) for name in class_names),

@@ -1,0 +1,148 @@
+"""Concepts in token layers: the feature axis of every layer, CRP with conditions on a vision
+transformer's token layers (completeness on the whole model, AND-ed layers), and the dataset
+pass into the store on a ViT layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import TensorDataset
+from torchvision.models.vision_transformer import VisionTransformer
+
+import crp_toolkit as ct
+from crp_toolkit.engine.layout import feature_axes
+from crp_toolkit.store.analysis import analyze_dataset
+from crp_toolkit.store.zarr_store import StoreOptions
+
+BLOCK = "encoder.layers.encoder_layer_{}.add#2"  # a block's output: the residual stream
+MLP = "encoder.layers.encoder_layer_{}.mlp.3"  # the second MLP projection of a block
+SOFTMAX = "encoder.layers.encoder_layer_0.self_attention.softmax"
+
+
+def small_vit() -> nn.Module:
+    """A two-block ViT on 16x16 inputs (4x4 patches of 4 pixels, 17 tokens with the class
+    token), float64, random weights with a non-zero head."""
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        image_size=16,
+        patch_size=4,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        mlp_dim=16,
+        num_classes=3,
+    )
+    nn.init.normal_(model.heads.head.weight, std=0.5)
+    return model.double().eval()
+
+
+@pytest.fixture(scope="module")
+def vit():
+    analyzer = ct.LRP(small_vit(), ct.composites.CPLRP(), normalize_output_relevance=False)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return analyzer, x
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def test_feature_axes_follow_the_ops(vit):
+    analyzer, _ = vit
+    axes = feature_axes(analyzer, (3, 16, 16))
+    graph = analyzer.graph
+    assert axes[graph.index("conv_proj")] == 1  # patch embedding: channel-first
+    assert axes[graph.index("permute")] == 2  # (B, patches, features)
+    for block in (0, 1):
+        assert axes[graph.index(BLOCK.format(block))] == 2
+        assert axes[graph.index(MLP.format(block))] == 2
+    assert axes[graph.index(SOFTMAX)] is None  # attention scores hold no features
+    convnext = ct.LRP(torchvision.models.convnext_tiny().eval(), ct.composites.EpsilonPlus())
+    axes = feature_axes(convnext, (3, 32, 32))
+    channel_last = [layer.name for layer in convnext.graph.layers if axes[layer.index] == 3]
+    assert "features.1.0.block.3" in channel_last  # the block's first Linear, on (B, h, w, C)
+    assert axes[convnext.graph.index("features.1.0.block.0")] == 1  # its depthwise conv
+    resnet = ct.LRP(ct.canonize(torchvision.models.resnet18().eval()), ct.composites.EpsilonPlus())
+    assert set(feature_axes(resnet, (3, 32, 32)).values()) == {1}
+
+
+def test_a_channel_of_a_token_layer_is_one_feature_summed_over_tokens(vit):
+    analyzer, x = vit
+    layer = BLOCK.format(0)
+    expl = analyzer(x, 1, record=[layer])
+    scores = ct.concept_relevances(analyzer, x, [layer], 1)[layer]
+    torch.testing.assert_close(scores, expl.relevances[layer].sum(1))
+    neurons = ct.CondAttribution(analyzer, {layer: ct.NeuronConcept()})
+    tokens = expl.relevances[layer].shape[1]
+    # neuron ids: feature * tokens + token; all tokens of feature 3 make channel 3
+    every_token = neurons(x, [{"y": 1, layer: [3 * tokens + t for t in range(tokens)]}])
+    channel = ct.CondAttribution(analyzer)(x, [{"y": 1, layer: [3]}])
+    assert rel_err(every_token.relevance, channel.relevance) < 1e-10
+
+
+@pytest.mark.parametrize("layer", [BLOCK.format(0), BLOCK.format(1)])
+def test_channels_of_the_residual_stream_add_up_to_the_unconditional_heatmap(vit, layer):
+    """Everything flows through a block's output: its channels' conditional heatmaps sum to
+    the LRP heatmap (CP-LRP with epsilon 1e-9: nothing is lost but rounding)."""
+    analyzer, x = vit
+    crp = ct.CRP(analyzer, layer, ct.IndexedFeatures(*range(8)))(x, 2)
+    unconditional = analyzer(x, 2, record=[layer])
+    assert crp.relevance.shape == (2, 8, 3, 16, 16)
+    assert rel_err(crp.relevance.sum(1), unconditional.relevance) < 1e-8
+    torch.testing.assert_close(crp.scores, unconditional.relevances[layer].sum(1))
+
+
+def test_conditions_on_two_token_layers_are_and_ed(vit):
+    """Conditioning on block 1's channel c and on every channel of block 0 (which all of it
+    flows through) gives channel c's heatmap; a channel of each keeps a part of it."""
+    analyzer, x = vit
+    attr = ct.CondAttribution(analyzer)
+    one = attr(x, [{"y": 0, BLOCK.format(1): [5]}])
+    both = attr(x, [{"y": 0, BLOCK.format(1): [5], BLOCK.format(0): list(range(8))}])
+    assert rel_err(both.relevance, one.relevance) < 1e-10
+    parts = attr(x, [{"y": 0, BLOCK.format(1): [5], BLOCK.format(0): [c]} for c in range(8)])
+    summed = parts.relevance.reshape(2, 8, 3, 16, 16).sum(1)
+    assert rel_err(summed, one.relevance) < 1e-8
+
+
+def test_exclude_parallel_drops_the_residual_bypass_of_an_mlp(vit):
+    """The MLP of block 1 is a branch beside the residual stream: with exclude_parallel its
+    channels keep only what flows through it, less than everything."""
+    analyzer, x = vit
+    attr = ct.CondAttribution(analyzer)
+    every = [{"y": 0, MLP.format(1): list(range(8))}]
+    through = attr(x, every, exclude_parallel=True).relevance
+    with_bypass = attr(x, every, exclude_parallel=False).relevance
+    total = analyzer(x, 0).relevance
+    assert rel_err(with_bypass, total) < 1e-8  # the bypass kept: all relevance
+    assert rel_err(through, total) > 1e-3  # the bypass dropped: only the MLP's share
+
+
+def test_a_layer_without_features_is_refused(vit):
+    analyzer, x = vit
+    with pytest.raises(ValueError, match="has no feature axis"):
+        ct.CondAttribution(analyzer)(x, [{"y": 0, SOFTMAX: [0]}])
+
+
+def test_the_dataset_pass_stores_a_token_layer(vit, tmp_path):
+    analyzer, x = vit
+    images = torch.randn(12, 3, 16, 16, dtype=torch.float64)
+    data = TensorDataset(images, torch.arange(12) % 3)
+    layer = BLOCK.format(1)
+    analyze_dataset(
+        analyzer,
+        data,
+        [layer],
+        tmp_path / "vit.zarr",
+        dataset_description="random images",
+        options=StoreOptions(chunk=4),
+        progress=False,
+    )
+    store = ct.store.open(tmp_path / "vit.zarr")
+    assert store.attrs["layers"][layer] == [8, 17]  # features, tokens
+    expected = ct.concept_relevances(analyzer, images, [layer], torch.arange(12) % 3)[layer]
+    torch.testing.assert_close(
+        torch.from_numpy(store.layer(layer)[:]).double(), expected, rtol=1e-5, atol=1e-6
+    )
