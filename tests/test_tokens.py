@@ -4,6 +4,7 @@ pass into the store on a ViT layer."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -13,6 +14,10 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 import crp_toolkit as ct
 from crp_toolkit.engine.layout import feature_axes
+from crp_toolkit.engine.receptive_field import receptive_field
+from crp_toolkit.mining.localise import localise_references
+from crp_toolkit.mining.references import reference_samples
+from crp_toolkit.store import Study
 from crp_toolkit.store.analysis import analyze_dataset
 from crp_toolkit.store.zarr_store import StoreOptions
 
@@ -126,23 +131,69 @@ def test_a_layer_without_features_is_refused(vit):
         ct.CondAttribution(analyzer)(x, [{"y": 0, SOFTMAX: [0]}])
 
 
-def test_the_dataset_pass_stores_a_token_layer(vit, tmp_path):
-    analyzer, x = vit
-    images = torch.randn(12, 3, 16, 16, dtype=torch.float64)
+@pytest.fixture(scope="module")
+def vit_store(vit, tmp_path_factory):
+    """A store of 12 random images through the ViT, block 1's output with relevance maps."""
+    analyzer, _ = vit
+    images = torch.randn(12, 3, 16, 16, dtype=torch.float64, generator=torch.Generator())
     data = TensorDataset(images, torch.arange(12) % 3)
-    layer = BLOCK.format(1)
+    path = tmp_path_factory.mktemp("vit") / "vit.zarr"
     analyze_dataset(
         analyzer,
         data,
-        [layer],
-        tmp_path / "vit.zarr",
+        [BLOCK.format(1)],
+        path,
         dataset_description="random images",
-        options=StoreOptions(chunk=4),
+        options=StoreOptions(chunk=4, maps=True),
         progress=False,
     )
-    store = ct.store.open(tmp_path / "vit.zarr")
-    assert store.attrs["layers"][layer] == [8, 17]  # features, tokens
-    expected = ct.concept_relevances(analyzer, images, [layer], torch.arange(12) % 3)[layer]
-    torch.testing.assert_close(
-        torch.from_numpy(store.layer(layer)[:]).double(), expected, rtol=1e-5, atol=1e-6
-    )
+    return ct.store.open(path), data
+
+
+def test_the_store_keeps_a_token_layer_on_its_patch_grid(vit, vit_store):
+    """Per sample, the features x the 4 x 4 patch grid (the class token kept apart): relevance
+    summed over every token (class token included), maps and maxima over the patches."""
+    analyzer, _ = vit
+    store, data = vit_store
+    layer = BLOCK.format(1)
+    assert store.attrs["layers"][layer] == [8, 4, 4]
+    images, labels = data.tensors
+    expected = ct.concept_relevances(analyzer, images, [layer], labels)[layer]
+    stored = torch.from_numpy(store.layer(layer)[:]).double()
+    torch.testing.assert_close(stored, expected, rtol=1e-5, atol=1e-6)
+    tokens = analyzer(images, labels, record=[layer]).relevances[layer]  # (N, 17, 8)
+    patches = tokens[:, 1:].transpose(1, 2).reshape(12, 8, 4, 4)
+    maps = torch.from_numpy(store.layer(layer, "maps")[:].astype("float64"))
+    torch.testing.assert_close(maps, patches, rtol=1e-2, atol=1e-3)  # float16 maps
+    rel_max = torch.from_numpy(store.layer(layer, "rel_max")[:]).double()
+    torch.testing.assert_close(rel_max, patches.flatten(2).max(2).values, rtol=1e-5, atol=1e-6)
+
+
+def test_a_patch_token_sees_its_patch(vit):
+    analyzer, _ = vit
+    field = receptive_field(analyzer, BLOCK.format(1), (3, 16, 16))
+    assert field.boxes.shape == (4, 4, 4)
+    for i in range(4):
+        for j in range(4):
+            assert tuple(field.box((i, j))) == (4 * i, 4 * i + 4, 4 * j, 4 * j + 4)
+
+
+@pytest.mark.parametrize("mode", ["relevance", "activation"])
+def test_references_of_a_vit_layer_are_localised_on_patches(vit, vit_store, mode):
+    analyzer, _ = vit
+    store, data = vit_store
+    layer = BLOCK.format(1)
+    table = reference_samples(store, layer, mode=mode, n_refs=3)
+    study = Study(store, analyzer, data, "random images")
+    found = localise_references(study, table, concepts=[0, 5], cache=False)
+    assert found.heatmaps.shape == (3, 2, 16, 16) and found.positions.shape == (3, 2, 2)
+    for r in range(3):
+        for j in range(2):
+            i, k = found.positions[r, j]
+            assert tuple(found.boxes[r, j]) == (4 * i, 4 * i + 4, 4 * k, 4 * k + 4)
+    if mode == "relevance":  # the box holds the patch where the concept's relevance peaks
+        maps = store.layer(layer, "maps")[:]
+        for r in range(3):
+            sample, concept = int(found.samples[r, 0]), 0
+            peak = np.unravel_index(np.argmax(maps[sample, concept]), (4, 4))
+            assert tuple(found.positions[r, 0]) == tuple(int(p) for p in peak)

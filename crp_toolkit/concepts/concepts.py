@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from crp_toolkit.engine.layout import TokenGrid
 from crp_toolkit.engine.rules import stabilize
 
 
@@ -152,6 +153,14 @@ def concept_on(concept: Concept, axis: int | None, layer: str) -> Concept:
 def feature_first(values: Tensor, axis: int | None, layer: str) -> Tensor:
     """A layer's output, or the relevance there (B, ...), with its features on axis 1."""
     return values.movedim(_checked(axis, layer), 1)
+
+
+def spatial_view(values: Tensor, axis: int | None, grid: TokenGrid | None, layer: str) -> Tensor:
+    """A layer's output, or the relevance there, as (B, features, *positions): feature-first,
+    and a token layer's patch tokens on their grid (B, features, h, w) without the class and
+    register tokens."""
+    first = feature_first(values, axis, layer)
+    return first if grid is None else grid.patches(first)
 
 
 def _checked(axis: int | None, layer: str) -> int:

@@ -15,14 +15,21 @@ channel-first model input:
   before it, or the last axis kept with its size);
 - softmax and products of two activations (attention scores, attention times values): none,
   and none wherever an axis cannot be followed: such a layer is not a concept layer.
+
+A token layer (batch, tokens, features) whose tokens come from a channel-first layer's
+positions (a ViT's patch embedding, flattened) has a :class:`TokenGrid`: the last
+``height * width`` tokens are those positions, row by row, and the ``prefix`` tokens before
+them (class and register tokens) are kept apart.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
 import torch
+from torch import Tensor
 
 from crp_toolkit.engine.graph import Layer
 
@@ -32,13 +39,36 @@ SAME_AS_INPUT = ("activation", "add", "gate", "concat")
 MOVING = ("permute", "transpose", "swapaxes", "swapdims", "movedim")
 Shape = tuple[int, ...]
 
-_CACHE: WeakKeyDictionary = WeakKeyDictionary()  # analyzer -> {input shape: axes}
+_CACHE: WeakKeyDictionary = WeakKeyDictionary()  # analyzer -> {input shape: layouts}
 
 
-def feature_axes(analyzer, input_shape: Sequence[int]) -> dict[int, int | None]:
-    """The feature axis of every layer's output (by layer index; -1: the model input) for
-    inputs of ``input_shape`` (without the batch axis); one probe forward pass of a single
-    zero sample per analyzer and input shape."""
+@dataclass(frozen=True)
+class TokenGrid:
+    """Where a token layer's tokens come from: ``prefix`` tokens (class, registers), then the
+    ``height x width`` positions of layer ``source`` (channel-first), row by row."""
+
+    prefix: int
+    height: int
+    width: int
+    source: int
+
+    def patches(self, values: Tensor) -> Tensor:
+        """Feature-first token values (B, C, tokens) -> the patch tokens (B, C, h, w)."""
+        return values[:, :, self.prefix :].reshape(*values.shape[:2], self.height, self.width)
+
+
+@dataclass(frozen=True)
+class Layouts:
+    """Per layer index (-1: the model input): its feature axis, and its token grid."""
+
+    axes: dict[int, int | None]
+    grids: dict[int, TokenGrid | None]
+
+
+def layouts(analyzer, input_shape: Sequence[int]) -> Layouts:
+    """Every layer's feature axis and token grid for inputs of ``input_shape`` (without the
+    batch axis): one probe forward pass of a single zero sample per analyzer and input
+    shape."""
     key = tuple(int(s) for s in input_shape)
     known = _CACHE.setdefault(analyzer, {})
     if key not in known:
@@ -46,8 +76,47 @@ def feature_axes(analyzer, input_shape: Sequence[int]) -> dict[int, int | None]:
         fp = analyzer.forward(probe, keep=range(len(analyzer.graph.layers)))
         shapes = {-1: (1, *key)}
         shapes |= {layer.index: _shape(fp.value(layer.index)) for layer in analyzer.graph.layers}
-        known[key] = axes_from_shapes(analyzer.graph.layers, shapes)
+        axes = axes_from_shapes(analyzer.graph.layers, shapes)
+        known[key] = Layouts(axes, grids_from_shapes(analyzer.graph.layers, shapes, axes))
     return known[key]
+
+
+def feature_axes(analyzer, input_shape: Sequence[int]) -> dict[int, int | None]:
+    """The feature axis of every layer's output (by layer index; -1: the model input)."""
+    return layouts(analyzer, input_shape).axes
+
+
+def grids_from_shapes(
+    layers: Sequence[Layer], shapes: dict[int, Shape], axes: dict[int, int | None]
+) -> dict[int, TokenGrid | None]:
+    """The token grid of every token layer (batch, tokens, features): made where a reshape
+    flattens a channel-first (batch, C, h, w) output into (batch, C, h * w), and carried by
+    every later token layer with at least ``h * w`` tokens (the extra ones in front)."""
+    grids: dict[int, TokenGrid | None] = {-1: None}
+    for layer in layers:
+        shape, axis = shapes[layer.index], axes[layer.index]
+        found = [grids[i] for i in layer.inputs if grids.get(i) is not None]
+        grid = None
+        if len(shape) == 3 and axis is not None:
+            tokens = shape[3 - axis]  # the axis that is neither batch nor features
+            if _flattens_positions(layer, shapes, axes, shape):
+                grid = TokenGrid(0, *shapes[layer.inputs[0]][2:], source=layer.inputs[0])
+            elif found and tokens >= found[0].height * found[0].width:
+                g = found[0]
+                grid = TokenGrid(tokens - g.height * g.width, g.height, g.width, g.source)
+        grids[layer.index] = grid
+    return grids
+
+
+def _flattens_positions(layer: Layer, shapes, axes, shape: Shape) -> bool:
+    if layer.kind != "reshape" or not layer.inputs:
+        return False
+    before = shapes[layer.inputs[0]]
+    return (
+        axes[layer.inputs[0]] == 1
+        and len(before) == 4
+        and shape == (before[0], before[1], before[2] * before[3])
+    )
 
 
 def axes_from_shapes(layers: Sequence[Layer], shapes: dict[int, Shape]) -> dict[int, int | None]:
