@@ -197,3 +197,36 @@ def test_references_of_a_vit_layer_are_localised_on_patches(vit, vit_store, mode
             sample, concept = int(found.samples[r, 0]), 0
             peak = np.unravel_index(np.argmax(maps[sample, concept]), (4, 4))
             assert tuple(found.positions[r, 0]) == tuple(int(p) for p in peak)
+
+
+HEADS = "encoder.layers.encoder_layer_1.self_attention.matmul#2"  # attention times values
+OUT_PROJ = "encoder.layers.encoder_layer_1.self_attention.out_proj"
+
+
+def test_attention_heads_are_concepts_of_an_attention_layer(vit):
+    """Attention times values is (B, heads, tokens, head features): a head's concept is its
+    slice; the heads together carry what flows through the attention branch, as the output
+    projection's channels together do, and the heads' heatmaps add up to it."""
+    analyzer, x = vit
+    assert feature_axes(analyzer, (3, 16, 16))[analyzer.graph.index(HEADS)] == 1
+    attr = ct.CondAttribution(analyzer)
+    heads = attr(x, [{"y": 2, HEADS: [0, 1]}]).relevance
+    projected = attr(x, [{"y": 2, OUT_PROJ: list(range(8))}]).relevance
+    assert rel_err(heads, projected) < 1e-10
+    each = attr(x[:1], [{"y": 2, HEADS: [h]} for h in (0, 1)]).relevance  # one row per head
+    assert rel_err(each.sum(0), heads[0]) < 1e-10
+    recorded = analyzer(x, 2, record=[HEADS]).relevances[HEADS]  # (B, heads, tokens, d)
+    scores = ct.concept_relevances(analyzer, x, [HEADS], 2)[HEADS]
+    torch.testing.assert_close(scores, recorded.flatten(2).sum(2))
+
+
+def test_the_attribution_graph_runs_across_blocks(vit):
+    analyzer, x = vit
+    root = BLOCK.format(1)
+    graph = ct.attribution_graph(analyzer, x[:1], root, 4, target=1, widths=(2, 2))
+    first = {child.layer for parent, child, _ in graph.edges if parent.layer == root}
+    # what feeds a block's output: its MLP, its attention, and through the residual stream
+    # the layers before (down to the patch embedding)
+    assert {MLP.format(1), OUT_PROJ, MLP.format(0), "conv_proj"} <= first
+    expected = ct.concept_relevances(analyzer, x[:1], [root], 1)[root][0, 4]
+    assert graph.relevance[ct.ConceptNode(root, 4)] == pytest.approx(float(expected), rel=1e-8)

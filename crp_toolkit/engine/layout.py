@@ -13,8 +13,10 @@ channel-first model input:
   arguments; concatenation, slicing, chunks, rolls and pads keep every axis; reshapes and
   indexing that drop or merge axes by the shapes: an axis kept with its size and the axes
   before it, or the last axis kept with its size);
-- softmax and products of two activations (attention scores, attention times values): none,
-  and none wherever an axis cannot be followed: such a layer is not a concept layer.
+- products of two activations shaped (batch, heads, tokens, ...) (attention scores,
+  attention times values): axis 1, the heads, so an attention head is a concept there;
+- softmax: none, and none wherever an axis cannot be followed: such a layer is not a
+  concept layer.
 
 A token layer (batch, tokens, features) whose tokens come from a channel-first layer's
 positions (a ViT's patch embedding, flattened) has a :class:`TokenGrid`: the last
@@ -136,6 +138,8 @@ def layer_axis(layer: Layer, axis: int | None, before: Shape, after: Shape) -> i
         return 1
     if layer.kind in CHANNEL_LAST:
         return len(after) - 1
+    if layer.kind == "matmul" and len(after) == 4:
+        return 1  # attention heads
     if axis is None or layer.kind not in (*SAME_AS_INPUT, "reshape", "index", "concat"):
         return None
     if layer.kind in SAME_AS_INPUT:
