@@ -15,6 +15,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 import crp_toolkit as ct
 from crp_toolkit.engine.layout import feature_axes
 from crp_toolkit.engine.receptive_field import receptive_field
+from crp_toolkit.mining.ablation import masked_forward
 from crp_toolkit.mining.localise import localise_references
 from crp_toolkit.mining.references import reference_samples
 from crp_toolkit.store import Study
@@ -230,3 +231,25 @@ def test_the_attribution_graph_runs_across_blocks(vit):
     assert {MLP.format(1), OUT_PROJ, MLP.format(0), "conv_proj"} <= first
     expected = ct.concept_relevances(analyzer, x[:1], [root], 1)[root][0, 4]
     assert graph.relevance[ct.ConceptNode(root, 4)] == pytest.approx(float(expected), rel=1e-8)
+
+
+def test_ablation_switches_off_features_of_a_token_layer(vit):
+    """Concept ablation masks a token layer's features (every token), as a hook zeroing
+    that feature of the block's output does."""
+    analyzer, x = vit
+    keep = torch.ones(2, 8, dtype=torch.float64)
+    keep[:, 3] = 0
+    ablated = masked_forward(analyzer, x, BLOCK.format(0), keep)
+    model = small_vit()
+    block = model.encoder.layers.encoder_layer_0
+
+    def zero_feature(module, inputs, output):
+        output = output.clone()
+        output[..., 3] = 0
+        return output
+
+    block.register_forward_hook(zero_feature)
+    with torch.no_grad():
+        torch.testing.assert_close(ablated, model(x))
+    with pytest.raises(ValueError, match="has no feature axis"):
+        masked_forward(analyzer, x, SOFTMAX, keep)

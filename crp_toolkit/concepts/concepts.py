@@ -147,12 +147,12 @@ class OnAxis(Concept):
 def concept_on(concept: Concept, axis: int | None, layer: str) -> Concept:
     """``concept`` for a layer whose feature axis is ``axis`` (see ``engine.layout``); a layer
     without one (attention scores, a channel shuffle's split view) holds no concepts."""
-    return concept if _checked(axis, layer) == 1 else OnAxis(concept, axis)
+    return concept if require_feature_axis(axis, layer) == 1 else OnAxis(concept, axis)
 
 
 def feature_first(values: Tensor, axis: int | None, layer: str) -> Tensor:
     """A layer's output, or the relevance there (B, ...), with its features on axis 1."""
-    return values.movedim(_checked(axis, layer), 1)
+    return values.movedim(require_feature_axis(axis, layer), 1)
 
 
 def spatial_view(values: Tensor, axis: int | None, grid: TokenGrid | None, layer: str) -> Tensor:
@@ -163,7 +163,8 @@ def spatial_view(values: Tensor, axis: int | None, grid: TokenGrid | None, layer
     return first if grid is None else grid.patches(first)
 
 
-def _checked(axis: int | None, layer: str) -> int:
+def require_feature_axis(axis: int | None, layer: str) -> int:
+    """``axis``, or a clear error for a layer without a feature axis."""
     if axis is None:
         raise ValueError(
             f"layer {layer!r} has no feature axis (its output mixes or splits the features, "
