@@ -1,5 +1,4 @@
-"""Training the concept world's models (the CNN, and a small ViT): deterministic, minutes on
-2 CPU cores."""
+"""Training the concept world's CNN: deterministic, a couple of minutes on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -11,12 +10,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from crp_toolkit.data.world import ConceptWorld, ConceptWorldCNN, ConceptWorldViT
+from crp_toolkit.data.world import ConceptWorld, ConceptWorldCNN
 
-ASSETS = Path(__file__).parent / "assets"
-WEIGHTS = ASSETS / "concept_world_cnn.pt"
-VIT_WEIGHTS = ASSETS / "concept_world_vit.pt"
-MODELS: dict[str, type[nn.Module]] = {"cnn": ConceptWorldCNN, "vit": ConceptWorldViT}
+WEIGHTS = Path(__file__).parent / "assets" / "concept_world_cnn.pt"
 
 
 @dataclass(frozen=True)
@@ -43,15 +39,13 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
     return float((predictions == labels).float().mean())
 
 
-def train(
-    config: TrainConfig = TrainConfig(), model: str = "cnn"
-) -> tuple[nn.Module, dict[str, float]]:
-    """Train the concept world's ``model`` ("cnn" or "vit") on the training world (seed 0);
-    report train and test accuracy (test world: seed 1)."""
+def train(config: TrainConfig = TrainConfig()) -> tuple[ConceptWorldCNN, dict[str, float]]:
+    """Train ConceptWorldCNN on the training world (seed 0); report train and test accuracy
+    (test world: seed 1)."""
     torch.manual_seed(config.seed)
     train_x, train_y = materialize(ConceptWorld(config.train_size, seed=0))
     test_x, test_y = materialize(ConceptWorld(config.test_size, seed=1))
-    model = MODELS[model]()
+    model = ConceptWorldCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     steps = config.epochs * (len(train_x) // config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps)
@@ -86,18 +80,5 @@ def load_world_model(path: str | Path = WEIGHTS) -> ConceptWorldCNN:
             "`python experiments/train_concept_world.py`"
         )
     model = ConceptWorldCNN()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
-
-
-def load_world_vit(path: str | Path = VIT_WEIGHTS) -> ConceptWorldViT:
-    """The shipped concept-world ViT (made by experiments/train_concept_world.py --model vit)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no concept-world ViT weights at {path}; make them with "
-            "`python experiments/train_concept_world.py --model vit`"
-        )
-    model = ConceptWorldViT()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from torchvision.models.vision_transformer import VisionTransformer
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue")
@@ -295,19 +294,3 @@ class ConceptWorldCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
-
-
-class ConceptWorldViT(VisionTransformer):
-    """A small vision transformer for the concept world: 8 x 8 patches of 8 pixels (64 patch
-    tokens and a class token), four blocks of width 64 with four heads."""
-
-    def __init__(self, classes: int = len(CLASSES)) -> None:
-        super().__init__(
-            image_size=64,
-            patch_size=8,
-            num_layers=4,
-            num_heads=4,
-            hidden_dim=64,
-            mlp_dim=128,
-            num_classes=classes,
-        )
