@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import cli
 from torch import nn
 from torch.utils.data import TensorDataset
 from torchvision.models.vision_transformer import VisionTransformer
@@ -253,3 +254,43 @@ def test_ablation_switches_off_features_of_a_token_layer(vit):
         torch.testing.assert_close(ablated, model(x))
     with pytest.raises(ValueError, match="has no feature axis"):
         masked_forward(analyzer, x, SOFTMAX, keep)
+
+
+def test_crp_toolkit_run_on_a_vision_transformer(tmp_path):
+    """Every stage on a ViT from the command line (a real Hydra run): a model class with its
+    state_dict, random images in an .npz file, CP-LRP, a block's output as the concept layer;
+    evaluate skips itself (no ground truth)."""
+    torch.save(small_vit().float().state_dict(), tmp_path / "vit.pt")
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((24, 3, 16, 16)).astype("float32")
+    np.savez(tmp_path / "data.npz", images=images, labels=np.arange(24) % 3)
+    vit = {"image_size": 16, "patch_size": 4, "num_layers": 2, "num_heads": 2}
+    vit |= {"hidden_dim": 8, "mlp_dim": 16, "num_classes": 3}
+    run = cli(
+        "run",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        "model=state_dict",
+        "model.module._target_=torchvision.models.vision_transformer.VisionTransformer",
+        *[f"+model.module.{key}={value}" for key, value in vit.items()],
+        f"model.weights={tmp_path / 'vit.pt'}",
+        "dataset=npz",
+        f"dataset.path={tmp_path / 'data.npz'}",
+        "dataset.scale=1.0",
+        "composite=cp_lrp",
+        f"concepts.layers=['{BLOCK.format(1)}']",
+        "store.chunk=12",
+        "loader.num_workers=0",
+        "mining.concepts=2",
+        "mining.ablation_samples=6",
+        "mining.prototypes=1",
+        "atlas.inputs=[0]",
+        "atlas.concepts=2",
+        "explain.indices=[0,1]",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "out"
+    store = ct.store.open(out / "store.zarr")
+    assert store.attrs["layers"][BLOCK.format(1)] == [8, 4, 4] and store.complete
+    sheets = list((out / "figures").glob(f"{BLOCK.format(1)}_[0-9]*.png"))
+    assert len(sheets) == 2 and (out / "atlas" / "index.html").exists()
+    assert "evaluate skipped" in run.stdout + run.stderr
