@@ -4,6 +4,8 @@ pass into the store on a ViT layer."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from torch.utils.data import TensorDataset
 from torchvision.models.vision_transformer import VisionTransformer
 
 import crp_toolkit as ct
-from crp_toolkit.engine.layout import feature_axes
+from crp_toolkit.engine.layout import feature_axes, layouts
 from crp_toolkit.engine.receptive_field import receptive_field
 from crp_toolkit.mining.ablation import masked_forward
 from crp_toolkit.mining.localise import localise_references
@@ -294,3 +296,56 @@ def test_crp_toolkit_run_on_a_vision_transformer(tmp_path):
     sheets = list((out / "figures").glob(f"{BLOCK.format(1)}_[0-9]*.png"))
     assert len(sheets) == 2 and (out / "atlas" / "index.html").exists()
     assert "evaluate skipped" in run.stdout + run.stderr
+
+
+class WideTokens(nn.Module):
+    """Patch tokens of a non-square input (8 x 16 pixels: a 2 x 4 grid of 4-pixel patches),
+    a dense layer on every token, mean over tokens, a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 6, 4, stride=4)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # (B, 8, 6)
+        return self.head(torch.relu(self.mix(tokens)).mean(1))
+
+
+def test_a_non_square_grid_follows_the_patch_embedding():
+    torch.manual_seed(0)
+    analyzer = ct.LRP(WideTokens().eval(), ct.composites.EpsilonPlus())
+    found = layouts(analyzer, (3, 8, 16))
+    index = analyzer.graph.index("mix")
+    assert found.axes[index] == 2
+    grid = found.grids[index]
+    assert (grid.prefix, grid.height, grid.width) == (0, 2, 4)
+    field = receptive_field(analyzer, "mix", (3, 8, 16))
+    assert tuple(field.box((1, 3))) == (4, 8, 12, 16)
+
+
+def test_register_and_distillation_tokens_are_kept_apart():
+    """timm's DINOv2 with 4 registers and DeiT with its distillation token: the tokens before
+    the patch grid (class, registers, distillation) are counted as its prefix."""
+    try:
+        import timm
+    except ImportError as err:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"timm not importable ({err}); pip install 'crp_toolkit[timm]'")
+    for name, size, prefix in [
+        ("vit_small_patch14_reg4_dinov2", 28, 5),
+        ("deit_tiny_distilled_patch16_224", 32, 2),
+    ]:
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, img_size=size, num_classes=3).eval()
+        analyzer = ct.LRP(model, ct.composites.CPLRP())
+        grid = layouts(analyzer, (3, size, size)).grids[analyzer.graph.index("blocks.0.add#2")]
+        assert (grid.prefix, grid.height, grid.width) == (prefix, 2, 2), name
+
+
+def test_a_head_out_of_range_is_refused(vit):
+    analyzer, x = vit
+    with pytest.raises(ValueError, match=r"it has 2 concepts .* valid ids are 0..1"):
+        ct.CondAttribution(analyzer)(x, [{"y": 0, HEADS: [2]}])
