@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from crp_toolkit.concepts.concepts import ChannelConcept
+from crp_toolkit.concepts.concepts import ChannelConcept, Concept, concept_on
 from crp_toolkit.concepts.conditional import propagate_conditioned
 from crp_toolkit.engine.explanation import resolve_target
 from crp_toolkit.engine.graph import Graph
+from crp_toolkit.engine.layout import feature_axes
 from crp_toolkit.engine.lrp import LRP
 
 
@@ -75,20 +76,26 @@ def attribution_graph(
     """Decompose ``concept`` of ``layer`` for one input ``x`` (1, ...), explaining ``target``
     (argmax by default): at each level, the ``widths[level]`` most relevant concepts of each
     feeding layer, conditioned on the parent concept. ``layers`` restricts which layers hold
-    concepts (default: every conv and dense layer)."""
+    concepts (default: every conv and dense layer); a concept is a channel, along each
+    layer's feature axis (a token layer's features, see ``engine.layout``)."""
     if x.shape[0] != 1:
         raise ValueError(
             f"attribution graphs explain one input at a time, got a batch of {x.shape[0]}"
         )
     graph = analyzer.graph
-    names = layers if layers is not None else [la.name for la in graph.layers if la.op.parametric]
-    candidates = {graph.index(n) for n in names} | {graph.index(layer)}
+    axes = feature_axes(analyzer, x.shape[1:])
+    if layers is None:
+        layers = [la.name for la in graph.layers if la.op.parametric and axes[la.index] is not None]
+    candidates = {graph.index(n) for n in layers} | {graph.index(layer)}
+
+    def channels(index: int) -> Concept:
+        return concept_on(ChannelConcept(), axes[index], graph.layers[index].name)
+
     fp = analyzer.forward(x, reuse=True, keep=candidates)
     y = int(resolve_target(fp.output, target)[0])
     init = {graph.output_layer: analyzer.output_relevance(fp.output, torch.tensor([y]))[None]}
-    channels = ChannelConcept()
     root = ConceptNode(layer, concept)
-    channels.check([concept], fp.value(graph.index(layer)), layer)
+    channels(graph.index(layer)).check([concept], fp.value(graph.index(layer)), layer)
     result = AttributionGraph(root, y)
     frontier = [root]
     for width in widths:
@@ -98,13 +105,15 @@ def attribution_graph(
             parents = [n for n in frontier if n.layer == name]
             feeders = feeding_layers(graph, index, candidates)
             ids = [[[p.concept]] for p in parents]
-            masks = {index: channels.mask(ids, fp.value(index))}
+            masks = {index: channels(index).mask(ids, fp.value(index))}
             _, recorded = propagate_conditioned(analyzer, fp, init, masks, record=[index, *feeders])
             for s, parent in enumerate(parents):
-                score = channels.relevance(recorded[index][s], fp.value(index))[0]
+                score = channels(index).relevance(recorded[index][s], fp.value(index))[0]
                 result.relevance[parent] = float(score[parent.concept])
                 for feeder in feeders:
-                    child_scores = channels.relevance(recorded[feeder][s], fp.value(feeder))[0]
+                    child_scores = channels(feeder).relevance(
+                        recorded[feeder][s], fp.value(feeder)
+                    )[0]
                     for c in child_scores.topk(min(width, len(child_scores))).indices.tolist():
                         child = ConceptNode(graph.layers[feeder].name, c)
                         total = result.relevance[parent]
@@ -114,12 +123,13 @@ def attribution_graph(
                             next_frontier.append(child)
         frontier = next_frontier
     for node in frontier:  # leaves: their relevance under their own condition
-        result.relevance.setdefault(node, _marginal(analyzer, fp, init, node))
+        index = graph.index(node.layer)
+        result.relevance.setdefault(node, _marginal(analyzer, fp, init, node, channels(index)))
     return result
 
 
-def _marginal(analyzer: LRP, fp, init, node: ConceptNode) -> float:
+def _marginal(analyzer: LRP, fp, init, node: ConceptNode, channels: Concept) -> float:
     index = analyzer.graph.index(node.layer)
     pending, _ = analyzer.propagate(fp, init, stop=index)
-    scores = ChannelConcept().relevance(pending[index][0], fp.value(index))
+    scores = channels.relevance(pending[index][0], fp.value(index))
     return float(scores[0, node.concept])

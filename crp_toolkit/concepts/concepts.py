@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from crp_toolkit.engine.layout import TokenGrid
 from crp_toolkit.engine.rules import stabilize
 
 
@@ -119,3 +120,55 @@ class DirectionConcept(Concept):
 def _expand(basis: Tensor, activation: Tensor) -> Tensor:
     """(K, C) -> (K, C, 1, ...) to broadcast against an activation's spatial axes."""
     return basis.reshape(*basis.shape, *([1] * (activation.dim() - 2)))
+
+
+@dataclass(frozen=True)
+class OnAxis(Concept):
+    """``concept`` on a layer whose features lie on ``axis`` rather than axis 1: a token layer
+    (batch, tokens, features), axis 2, or a channel-last one (batch, h, w, channels), axis 3.
+    The concept sees activation and relevance feature-first, and its masks come back in the
+    layer's own layout, so a channel of a token layer is one feature summed over tokens and a
+    neuron is one (feature, token) pair, ``feature * tokens + token``."""
+
+    concept: Concept
+    axis: int
+
+    def count(self, activation: Tensor) -> int:
+        return self.concept.count(activation.movedim(self.axis, 1))
+
+    def relevance(self, R: Tensor, activation: Tensor) -> Tensor:
+        return self.concept.relevance(R.movedim(self.axis, 1), activation.movedim(self.axis, 1))
+
+    def mask(self, ids, activation: Tensor) -> Tensor:
+        mask = self.concept.mask(ids, activation.movedim(self.axis, 1))
+        return mask.movedim(2, self.axis + 1)
+
+
+def concept_on(concept: Concept, axis: int | None, layer: str) -> Concept:
+    """``concept`` for a layer whose feature axis is ``axis`` (see ``engine.layout``); a layer
+    without one (attention scores, a channel shuffle's split view) holds no concepts."""
+    return concept if require_feature_axis(axis, layer) == 1 else OnAxis(concept, axis)
+
+
+def feature_first(values: Tensor, axis: int | None, layer: str) -> Tensor:
+    """A layer's output, or the relevance there (B, ...), with its features on axis 1."""
+    return values.movedim(require_feature_axis(axis, layer), 1)
+
+
+def spatial_view(values: Tensor, axis: int | None, grid: TokenGrid | None, layer: str) -> Tensor:
+    """A layer's output, or the relevance there, as (B, features, *positions): feature-first,
+    and a token layer's patch tokens on their grid (B, features, h, w) without the class and
+    register tokens."""
+    first = feature_first(values, axis, layer)
+    return first if grid is None else grid.patches(first)
+
+
+def require_feature_axis(axis: int | None, layer: str) -> int:
+    """``axis``, or a clear error for a layer without a feature axis."""
+    if axis is None:
+        raise ValueError(
+            f"layer {layer!r} has no feature axis (its output mixes or splits the features, "
+            "e.g. attention scores or a reshaped view), so it holds no concepts; choose a "
+            "layer whose output holds features, such as a block's output or an MLP layer"
+        )
+    return axis

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from crp_toolkit.concepts.concepts import ChannelConcept, Concept, one_hot
+from crp_toolkit.concepts.concepts import ChannelConcept, Concept, concept_on, one_hot
 from crp_toolkit.engine.explanation import Explanation
+from crp_toolkit.engine.layout import feature_axes
 from crp_toolkit.engine.lrp import LRP, ForwardPass
 
 OUTPUT = "y"
@@ -133,8 +134,12 @@ class CondAttribution:
         self.concepts = dict(concepts or {})
         self.memory_budget = memory_budget
 
-    def concept(self, layer: str) -> Concept:
-        return self.concepts.get(layer, ChannelConcept())
+    def concept(self, layer: str, input_shape: Sequence[int]) -> Concept:
+        """The concepts of ``layer`` (channels unless given) for inputs of ``input_shape``,
+        along the layer's feature axis (see ``engine.layout``)."""
+        axes = feature_axes(self.analyzer, input_shape)
+        found = self.concepts.get(layer, ChannelConcept())
+        return concept_on(found, axes[self.analyzer.graph.index(layer)], layer)
 
     def __call__(
         self,
@@ -196,7 +201,7 @@ class CondAttribution:
         )
         masks = {}
         for name in layers:
-            index, concept = graph.index(name), self.concept(name)
+            index, concept = graph.index(name), self.concept(name, fp.value(-1).shape[1:])
             activation = fp.value(index)
             ids = [[_ids(c.get(name, []), name) if c else [] for c in row] for row in grid]
             for chosen in (i for row in ids for i in row):

@@ -10,9 +10,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from crp_toolkit.concepts.concepts import ChannelConcept, Concept
+from crp_toolkit.concepts.concepts import ChannelConcept, Concept, concept_on
 from crp_toolkit.concepts.conditional import propagate_conditioned
 from crp_toolkit.engine.explanation import Explanation, resolve_target
+from crp_toolkit.engine.layout import feature_axes
 from crp_toolkit.engine.lrp import LRP
 
 
@@ -108,10 +109,11 @@ class CRP:
         init = {an.graph.output_layer: an.output_relevance(fp.output, target)[None]}
         pending, above = an.propagate(fp, init, record=recorded, stop=self.index)
         activation = fp.value(self.index)
-        scores = self.concept.relevance(pending[self.index][0], activation)
+        concept = concept_on(self.concept, feature_axes(an, x.shape[1:])[self.index], self.layer)
+        scores = concept.relevance(pending[self.index][0], activation)
         chosen = self.features.select(scores, self.layer)  # (B, n)
         ids = [[[int(c)] for c in chosen[:, k]] for k in range(chosen.shape[1])]
-        masks = {self.index: self.concept.mask(ids, activation)}
+        masks = {self.index: concept.mask(ids, activation)}
         heat, below = propagate_conditioned(
             an,
             fp,
@@ -148,11 +150,12 @@ def concept_relevances(
 ) -> dict[str, Tensor]:
     """Relevance of every concept of each layer (summed over space), (B, n_concepts) per
     layer, from one explanation; ``abs_norm`` divides by the sum of absolute values."""
-    concept = concept or ChannelConcept()
+    axes = feature_axes(analyzer, x.shape[1:])
     expl = analyzer(x, target, record=layers)
     out = {}
     for name in layers:
-        scores = concept.relevance(expl.relevances[name], expl.activations[name])
+        on = concept_on(concept or ChannelConcept(), axes[analyzer.graph.index(name)], name)
+        scores = on.relevance(expl.relevances[name], expl.activations[name])
         if abs_norm:
             scores = scores / scores.abs().sum(1, keepdim=True).clamp_min(1e-12)
         out[name] = scores

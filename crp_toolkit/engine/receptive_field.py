@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from crp_toolkit.engine.graph import Layer
+from crp_toolkit.engine.layout import layouts
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.engine.ops import BATCHNORM, CONCAT, ELEMENTWISE, GATE, SUM
 
@@ -40,9 +41,15 @@ def receptive_field(analyzer: LRP, layer: str, input_shape: Sequence[int]) -> Re
     """Trace the input region every neuron of ``layer`` sees, for inputs of ``input_shape``
     (channels, *spatial), from the kernel, stride, padding and dilation of the conv and pooling
     modules on the way (pointwise ops keep positions; dense layers, reshapes and ops of unknown
-    geometry see their whole input). Branches are united, and boxes clipped to the input."""
+    geometry see their whole input). Branches are united, and boxes clipped to the input. A
+    token layer's patch tokens see what the positions they come from see (a ViT's patch, see
+    ``engine.layout.TokenGrid``), indexed by their place on the grid."""
     graph = analyzer.graph
     target = graph.index(layer)
+    grid = layouts(analyzer, input_shape).grids[target]
+    if grid is not None:
+        source = graph.layers[grid.source].name
+        return ReceptiveField(layer, receptive_field(analyzer, source, input_shape).boxes)
     like = next(analyzer.model.parameters(), torch.zeros(()))
     probe = torch.zeros(1, *input_shape, dtype=like.dtype, device=like.device)
     fp = analyzer.forward(probe, keep=range(len(graph.layers)))

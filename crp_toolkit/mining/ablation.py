@@ -18,7 +18,8 @@ import torch.fx as fx
 from torch import Tensor
 from tqdm import tqdm
 
-from crp_toolkit.concepts.concepts import ChannelConcept
+from crp_toolkit.concepts.concepts import ChannelConcept, concept_on, require_feature_axis
+from crp_toolkit.engine.layout import feature_axes
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.store.results import read_result, write_result
 from crp_toolkit.store.study import Study
@@ -78,10 +79,12 @@ def concept_orders(
     keep the lower id first), and a random permutation per sample (``seed``). Scores are
     computed ``batch_size`` samples at a time."""
     parts = []
+    axis = feature_axes(analyzer, x.shape[1:])[analyzer.graph.index(layer)]
+    channels = concept_on(ChannelConcept(), axis, layer)
     for xs, ys in zip(x.split(batch_size), classes.split(batch_size), strict=True):
         expl = analyzer(xs, ys, record=[layer])
         relevance, activation = expl.relevances[layer], expl.activations[layer]
-        parts.append([ChannelConcept().relevance(r, activation) for r in (relevance, activation)])
+        parts.append([channels.relevance(r, activation) for r in (relevance, activation)])
     orders = {
         name: np.argsort(-torch.cat(s).double().cpu().numpy(), axis=1, kind="stable")
         for name, s in zip(("relevance", "activation"), zip(*parts, strict=True), strict=True)
@@ -121,26 +124,28 @@ def ablated_logits(
 
 
 def masked_forward(analyzer: LRP, x: Tensor, layer: str, keep: Tensor) -> Tensor:
-    """The model's output with the channels of ``layer``'s output multiplied by ``keep``
-    (rows, C) (1 keeps a channel, 0 switches it off), per row of ``x``."""
-    node = analyzer.graph.layers[analyzer.graph.index(layer)].node
+    """The model's output with the channels of ``layer``'s output (along its feature axis)
+    multiplied by ``keep`` (rows, C) (1 keeps a channel, 0 switches it off), per row of
+    ``x``."""
+    index = analyzer.graph.index(layer)
+    axis = require_feature_axis(feature_axes(analyzer, x.shape[1:])[index], layer)
     with torch.no_grad():
-        return _Masked(analyzer.graph.module, node, keep).run(x)
+        return _Masked(analyzer.graph.module, analyzer.graph.layers[index].node, keep, axis).run(x)
 
 
 class _Masked(fx.Interpreter):
     """Runs a traced model, multiplying one node's output by a per-row channel mask."""
 
-    def __init__(self, module: fx.GraphModule, node: fx.Node, keep: Tensor) -> None:
+    def __init__(self, module: fx.GraphModule, node: fx.Node, keep: Tensor, axis: int) -> None:
         super().__init__(module)
-        self.node, self.keep = node, keep
+        self.node, self.keep, self.axis = node, keep, axis
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
         if n is not self.node:
             return out
-        keep = self.keep.to(out)
-        return out * keep.reshape(*keep.shape, *([1] * (out.dim() - 2)))
+        keep = self.keep.to(out).reshape(*self.keep.shape, *([1] * (out.dim() - 2)))
+        return out * keep.movedim(1, self.axis)
 
 
 def ablation_curves(

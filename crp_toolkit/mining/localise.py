@@ -26,7 +26,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from crp_toolkit.concepts.concepts import spatial_view
 from crp_toolkit.concepts.conditional import OUTPUT, CondAttribution
+from crp_toolkit.engine.layout import layouts
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.engine.receptive_field import receptive_field
 from crp_toolkit.mining.references import ReferenceTable
@@ -165,6 +167,7 @@ def conditional_maps(
     ``batch_size`` pairs per call (every pair its own row), each call advancing ``bar``."""
     attribution = CondAttribution(analyzer)
     like = next(analyzer.model.parameters(), images)
+    found, index = layouts(analyzer, images.shape[1:]), analyzer.graph.index(layer)
     heat, maps = [], []
     for start in range(0, len(images), batch_size):
         part = slice(start, start + batch_size)
@@ -175,7 +178,9 @@ def conditional_maps(
         x = images[part].to(device=like.device, dtype=like.dtype)
         result = attribution(x, conditions, record=[layer])
         chosen = torch.as_tensor(np.asarray(concepts[part]), device=x.device)
-        relevance = result.relevances[layer]
+        relevance = spatial_view(
+            result.relevances[layer], found.axes[index], found.grids[index], layer
+        )
         heat.append(result.heatmaps.float().cpu())
         maps.append(relevance[torch.arange(len(x), device=x.device), chosen].float().cpu())
         if bar is not None:

@@ -18,9 +18,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from crp_toolkit.concepts.concepts import ChannelConcept
+from crp_toolkit.concepts.concepts import ChannelConcept, concept_on, feature_first, spatial_view
 from crp_toolkit.concepts.conditional import propagate_conditioned
 from crp_toolkit.data.loading import Batch, first_readable, grouped
+from crp_toolkit.engine.layout import feature_axes, layouts
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.store.study import make_provenance
 from crp_toolkit.store.tables import SOURCES, chunk_tables, merge_when_complete
@@ -37,12 +38,16 @@ from crp_toolkit.store.zarr_store import (
 log = logging.getLogger(__name__)
 
 
-def layer_statistics(relevance: Tensor, activation: Tensor, maps: bool) -> dict[str, np.ndarray]:
+def layer_statistics(
+    relevance: Tensor, activation: Tensor, maps: bool, scores: Tensor | None = None
+) -> dict[str, np.ndarray]:
     """Concept relevance (summed over space, and its spatial max), its absolute normaliser,
-    and the spatial max, mean and argmax of each channel's activation, for a batch: all that
-    RelMax/ActMax with "sum" and "max" targets need. With ``maps``, the relevance maps
-    themselves (float16)."""
-    scores = ChannelConcept().relevance(relevance, activation)
+    and the spatial max, mean and argmax of each channel's activation, for a batch
+    (B, C, *positions): all that RelMax/ActMax with "sum" and "max" pooling need. With
+    ``maps``, the relevance maps themselves (float16). ``scores``: the concept relevance when
+    it counts more positions than those given (a token layer's class token)."""
+    if scores is None:
+        scores = ChannelConcept().relevance(relevance, activation)
     flat = activation.flatten(2) if activation.dim() > 2 else activation[..., None]
     rel_flat = relevance.flatten(2) if relevance.dim() > 2 else relevance[..., None]
     best = flat.max(2)
@@ -78,11 +83,13 @@ def top_concept_heatmaps(
     graph = analyzer.graph
     index = {name: graph.index(name) for name in concepts}
     fp = analyzer.forward(x, reuse=True, keep=list(index.values()))
+    axes = feature_axes(analyzer, x.shape[1:])
     init = {graph.output_layer: analyzer.output_relevance(fp.output, target)[None]}
     out = {}
     for name, ids in concepts.items():
         grid = ids.T[..., None].tolist()  # [slot j][sample b] -> [concept id]
-        masks = {index[name]: ChannelConcept().mask(grid, fp.value(index[name]))}
+        channels = concept_on(ChannelConcept(), axes[index[name]], name)
+        masks = {index[name]: channels.mask(grid, fp.value(index[name]))}
         relevance, _ = propagate_conditioned(analyzer, fp, init, masks)
         out[name] = relevance.sum(2).transpose(0, 1)  # (n, B, C, ...) -> (B, n, ...)
     return out
@@ -108,12 +115,19 @@ def analyze_batch(
         "samples/valid": np.ones(len(x), dtype=bool),
     }
     top: dict[str, Tensor] = {}
+    found = layouts(analyzer, x.shape[1:])
     for name in layers:
-        relevance, activation = expl.relevances[name], expl.activations[name]
-        for stat, values in layer_statistics(relevance, activation, layout.options.maps).items():
-            out[f"layers/{name}/{stat}"] = values
+        i = analyzer.graph.index(name)
+        values = [
+            feature_first(t[name], found.axes[i], name) for t in (expl.relevances, expl.activations)
+        ]
+        scores = ChannelConcept().relevance(*values)  # over every position, or every token
+        grid = found.grids[i]
+        relevance, activation = values if grid is None else [grid.patches(t) for t in values]
+        stats = layer_statistics(relevance, activation, layout.options.maps, scores)
+        for stat, array in stats.items():
+            out[f"layers/{name}/{stat}"] = array
         if layout.options.top_heatmaps:
-            scores = ChannelConcept().relevance(relevance, activation)
             ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices
             top[name] = ranked[:, : layout.top_concepts(name)]
     if top:
@@ -220,11 +234,17 @@ def probe_layout(
             f"{tuple(probe_x.shape)}; set top_heatmaps=0 for this dataset"
         )
     index = [analyzer.graph.index(n) for n in layers]
-    probe = analyzer.forward(torch.as_tensor(probe_x)[None].to(device), keep=index)
+    x = torch.as_tensor(probe_x)[None].to(device)
+    probe = analyzer.forward(x, keep=index)
+    found = layouts(analyzer, x.shape[1:])
+    shapes = {
+        n: tuple(spatial_view(probe.value(i), found.axes[i], found.grids[i], n).shape[1:])
+        for n, i in zip(layers, index, strict=True)
+    }
     layout = Layout(
         len(dataset),
         probe.output.shape[1],
-        {n: tuple(probe.value(i).shape[1:]) for n, i in zip(layers, index, strict=True)},
+        shapes,
         options,
         input_shape=tuple(probe_x.shape[1:]),
         class_names=tuple(str(name) for name in class_names),
