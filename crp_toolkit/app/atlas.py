@@ -38,6 +38,7 @@ from crp_toolkit.atlas.site import (
     SiteContent,
     write_site,
 )
+from crp_toolkit.concepts.basis import split_concept_layer
 from crp_toolkit.data.loading import gather
 from crp_toolkit.mining.ablation import read_ablation
 from crp_toolkit.mining.localise import localise_references
@@ -151,9 +152,10 @@ def concept_entry(
     ]
     best = int(mined.relmax.samples[0, j])
     x = gather(study.dataset, [best]).images
-    graph = ct.attribution_graph(
-        study.analyzer, x, layer, concept, target=int(mined.relmax.classes[0, j])
-    )
+    graph = None  # attribution graphs follow channels; a basis's concepts have none yet
+    if split_concept_layer(layer)[1] is None:
+        target = int(mined.relmax.classes[0, j])
+        graph = ct.attribution_graph(study.analyzer, x, layer, concept, target=target)
     relmax, actmax = list(mined.relmax.crops[:, j]), list(mined.actmax.crops[:, j])
     sheet = ConceptSheet(f"{layer}:{concept}", relmax, actmax, used, graph)
     path = save_figure(
