@@ -109,6 +109,8 @@ class EvaluateConfig:
     top: int = 3  # most relevant concepts scored per class
     k: int = 8  # references per concept
     watermark_top: int = 16  # concepts of the watermark's class searched for the watermark
+    threshold: float = 0.25  # recovered: this share of the references' relevance on the concept
+    margin: float = 0.05  # ... and this much more than on any other ground-truth concept
 
 
 @dataclass
