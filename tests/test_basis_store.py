@@ -12,8 +12,16 @@ import crp_toolkit as ct
 from crp_toolkit.concepts.basis import ConceptBasis
 from crp_toolkit.concepts.conditional import CondAttribution
 from crp_toolkit.data.training import load_world_model
-from crp_toolkit.data.world import ConceptWorld
+from crp_toolkit.data.world import CONCEPTS, ConceptWorld
+from crp_toolkit.mining.labels import Overlap, concept_labels
 from crp_toolkit.mining.localise import localise_references
+from crp_toolkit.mining.recovery import (
+    match,
+    polysemanticity,
+    recovery,
+    recovery_markdown,
+    runner_up,
+)
 from crp_toolkit.mining.references import reference_samples
 from crp_toolkit.mining.statistics import class_statistics
 from crp_toolkit.store.analysis import analyze_dataset
@@ -166,11 +174,68 @@ def test_bad_discoveries_are_refused_before_any_sample_is_read(study, method, k,
         def __len__(self):
             raise AssertionError("the dataset was read")
 
-    blind = Study.__new__(Study)  # the real study, with a dataset that fails when touched
-    object.__setattr__(blind, "store", study.store)
-    object.__setattr__(blind, "analyzer", study.analyzer)
-    object.__setattr__(blind, "dataset", Unreadable())
-    object.__setattr__(blind, "description", study.description)
-    object.__setattr__(blind, "provenance", study.provenance)
+    blind = _with_dataset(study, Unreadable())  # fails when the dataset is touched
     with pytest.raises(ValueError, match=message):
         discover_basis(blind, LAYER, method, k, sampling=sampling, progress=False)
+
+
+def test_labels_name_each_concept_by_its_best_mask_and_are_kept(study, concept_layer):
+    store = ct.store.open(study.store.path)
+    here = Study(store, *_rest(study))
+    labels = concept_labels(here, concept_layer, k=4)
+    assert labels.names == list(CONCEPTS)
+    assert labels.scores.shape == (7, len(CONCEPTS))
+    np.testing.assert_array_equal(labels.label, labels.scores.argmax(1))
+    assert ((labels.score >= 0) & (labels.score <= 1)).all() and labels.score.max() > 0.1
+    assert f"labels/{concept_layer}" in list_results(store.path)
+    name, score = labels.of(2)
+    assert (name, score) == (CONCEPTS[labels.label[2]], float(labels.score[2]))
+    again = concept_labels(here, concept_layer, k=4)
+    np.testing.assert_array_equal(again.scores, labels.scores)
+
+
+def test_recovery_matches_one_to_one_and_scores_what_it_matched(study, concept_layer):
+    store = ct.store.open(study.store.path)
+    here = Study(store, *_rest(study))
+    channels = recovery(here, LAYER, k=4)
+    basis = recovery(here, concept_layer, k=4, threshold=0.01, margin=0.0)
+    assert (channels.concepts, basis.concepts) == (64, 6)  # the residual is not a concept
+    assert len(set(basis.matched.values())) == len(basis.matched) == 6  # one-to-one
+    assert basis.recovered == len(basis.recovered_names) <= 6
+    assert len(channels.matched) == len(CONCEPTS)  # more concepts than ground truth: all
+    assert 0 <= basis.redundancy <= 1 and 1 <= basis.polysemanticity <= 4
+    strict = recovery(here, concept_layer, k=4, threshold=1.0)
+    assert strict.recovered == 0 and strict.mass_accuracy == basis.mass_accuracy
+    table = recovery_markdown([channels, basis])
+    assert f"| {LAYER} | 64 |" in table and f"| {concept_layer} | 6 |" in table
+
+
+def test_matching_is_the_best_one_to_one_assignment():
+    accuracy = np.array([[0.9, 0.8, 0.0], [0.85, 0.1, 0.0]])
+    rows, cols = match(accuracy)
+    assert dict(zip(rows.tolist(), cols.tolist(), strict=True)) == {0: 1, 1: 0}
+    np.testing.assert_allclose(runner_up(accuracy, rows, cols), [0.9, 0.1])
+
+
+def test_polysemanticity_counts_the_names_a_concepts_references_mix():
+    best = np.array([[0, 2, -1], [0, 3, -1], [0, 2, 1]])  # (references, concepts)
+    found = Overlap(np.arange(3), ("a", "b", "c", "d"), np.zeros((3, 4)), np.zeros((3, 4)), best)
+    assert polysemanticity(found) == (1 + 2 + 1) / 3
+
+
+def test_a_probe_set_without_masks_is_refused_before_any_work(study):
+    plain = torch.utils.data.TensorDataset(torch.zeros(60, 3, 64, 64), torch.zeros(60).long())
+    blind = _with_dataset(study, plain)
+    with pytest.raises(ValueError, match="has no named masks"):
+        concept_labels(blind, LAYER)
+    with pytest.raises(ValueError, match="has no named masks"):
+        recovery(blind, LAYER)
+
+
+def _with_dataset(study: Study, dataset) -> Study:
+    """The study with another dataset, its fingerprint unchecked (to see what is refused)."""
+    other = Study.__new__(Study)
+    for name in ("store", "analyzer", "description", "provenance"):
+        object.__setattr__(other, name, getattr(study, name))
+    object.__setattr__(other, "dataset", dataset)
+    return other

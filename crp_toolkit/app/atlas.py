@@ -41,6 +41,8 @@ from crp_toolkit.atlas.site import (
 from crp_toolkit.concepts.basis import split_concept_layer
 from crp_toolkit.data.loading import gather
 from crp_toolkit.mining.ablation import read_ablation
+from crp_toolkit.mining.discovery import has_ground_truth
+from crp_toolkit.mining.labels import ConceptLabels, concept_labels
 from crp_toolkit.mining.localise import localise_references
 from crp_toolkit.mining.references import reference_samples
 from crp_toolkit.mining.statistics import (
@@ -48,6 +50,7 @@ from crp_toolkit.mining.statistics import (
     top_concepts,
 )
 from crp_toolkit.store.study import Study
+from crp_toolkit.store.tables import Spec
 
 log = logging.getLogger("crp_toolkit")
 FIGURE_KEYS = ("width", "dpi", "font_size", "cmap", "palette", "formats")
@@ -64,7 +67,8 @@ def atlas(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     content = SiteContent(title="crp_toolkit concept atlas", concepts=[])
     for layer in store.layers:
         mined = mine_layer(cfg.mining, study, layer, reuse=True, progress=True)
-        part = layer_pages(mined, study, cfg.mining.seed, names, folder, style)
+        labels = layer_labels(cfg, study, mined)
+        part = layer_pages(mined, study, cfg.mining.seed, names, folder, style, labels)
         content = SiteContent(
             content.title,
             [*content.concepts, *part.concepts],
@@ -76,6 +80,15 @@ def atlas(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     if cfg.atlas.html:
         index = write_site(content, out / "atlas")
         log.info("HTML atlas: %s", index)
+
+
+def layer_labels(cfg: DictConfig, study: Study, mined: MinedLayer) -> ConceptLabels | None:
+    """Labels of the layer's concepts with references, from the same references, when the
+    dataset has named masks (else None)."""
+    if not has_ground_truth(study.dataset):
+        return None
+    spec = Spec("relevance", cfg.mining.target, cfg.mining.normalised)
+    return concept_labels(study, mined.layer, concepts=mined.concepts, k=cfg.mining.k, spec=spec)
 
 
 def figure_style(cfg: DictConfig) -> FigureStyle:
@@ -90,9 +103,10 @@ def layer_pages(
     names: list[str],
     folder: Path,
     style: FigureStyle,
+    labels: ConceptLabels | None = None,
 ) -> SiteContent:
     """A layer's figures (map, class importance, prototypes, ablation, concept sheets) and its
-    part of the site."""
+    part of the site; with ``labels``, each concept's label on its sheet and entry."""
     layer, stats, sim = mined.layer, mined.stats, mined.similarity
     stem = f"{folder / layer}"
     thumbs = list(mined.relmax.crops[0])
@@ -115,7 +129,9 @@ def layer_pages(
         save_figure(fig, f"{stem}_ablation", style)
     relevance = dataset_relevance(stats)
     concepts = [
-        concept_entry(mined, c, float(relevance[c]), study, names, folder, style)
+        concept_entry(
+            mined, c, float(relevance[c]), study, names, folder, style, labels and labels.of(c)
+        )
         for c in tqdm(chosen, desc=f"concept sheets {layer}", unit="concept")
     ]
     classes = [
@@ -142,9 +158,10 @@ def concept_entry(
     names: list[str],
     folder: Path,
     style: FigureStyle,
+    label: tuple[str, float] | None = None,
 ) -> ConceptEntry:
     """A concept's sheet (RelMax and ActMax crops, the classes using it, the attribution graph
-    on its best reference) and its atlas entry."""
+    on its best reference; its label and score when given) and its atlas entry."""
     j, layer = mined.column(concept), mined.layer
     used = [
         (names[y], float(mined.stats.usage[concept, y]))
@@ -157,12 +174,21 @@ def concept_entry(
         target = int(mined.relmax.classes[0, j])
         graph = ct.attribution_graph(study.analyzer, x, layer, concept, target=target)
     relmax, actmax = list(mined.relmax.crops[:, j]), list(mined.actmax.crops[:, j])
-    sheet = ConceptSheet(f"{layer}:{concept}", relmax, actmax, used, graph)
+    text = f"{label[0]} ({label[1]:.2f})" if label else ""
+    title = f"{layer}:{concept}" + (f" - {text}" if text else "")
+    sheet = ConceptSheet(title, relmax, actmax, used, graph)
     path = save_figure(
         concept_sheet_figure(sheet, style=style), f"{folder / layer}_{concept}", style
     )
     return ConceptEntry(
-        layer, concept, relevance, relmax[0], used, [path[0]], list(mined.relmax.dimmed[:, j])
+        layer,
+        concept,
+        relevance,
+        relmax[0],
+        used,
+        [path[0]],
+        list(mined.relmax.dimmed[:, j]),
+        label=text,
     )
 
 
