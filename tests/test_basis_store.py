@@ -104,6 +104,20 @@ def test_a_seed_fixes_the_learned_basis(study, basis):
     assert basis.provenance["positions_seen"] == 60 * 8
 
 
+def test_every_method_learns_from_the_real_model_and_is_seeded(study):
+    """Each method through the real sampler (activations, and relevance-weighted ones)."""
+    sampling = SamplingOptions(positions=4, batch_size=32, images=30)
+    for method in ("pca", "dictionary", "kmeans", "sae"):
+        for source in ("activation", "relevance"):
+            found = discover_basis(
+                study, LAYER, method, 4, source=source, sampling=sampling, progress=False
+            )
+            assert found.directions.shape == (4, 64) and np.isfinite(found.directions).all()
+            assert found.name == f"{method}4" + ("" if source == "activation" else "-relevance")
+    again = discover_basis(study, LAYER, "sae", 4, source="relevance", sampling=sampling)
+    np.testing.assert_array_equal(again.directions, found.directions)
+
+
 def test_the_basis_is_kept_listed_and_read_back(study, basis, concept_layer):
     assert concept_layer == f"{LAYER}@nmf6"
     assert list_bases(study.store) == [concept_layer]

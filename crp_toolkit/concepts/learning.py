@@ -83,6 +83,7 @@ class _SAE:
         self.optimiser = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.batch, self.started = batch, False
 
+    @torch.enable_grad()
     def partial_fit(self, rows: np.ndarray) -> None:
         x = torch.as_tensor(rows, dtype=torch.float64)
         if not self.started:
@@ -127,13 +128,15 @@ def spread_rows(rows: torch.Tensor, k: int, generator: torch.Generator) -> torch
 
 @dataclass(frozen=True)
 class LearnerOptions:
-    """Settings of the learners beyond method, K and seed: ``block`` rows per partial fit;
-    the SAE's active codes per row (``topk``), learning rate and mini-batch."""
+    """Settings of the learners beyond method, K and seed: ``block`` rows held at a time;
+    ``batch`` rows per scikit-learn ``partial_fit`` step; the SAE's active codes per row
+    (``topk``), learning rate and mini-batch (``sae_batch``)."""
 
     block: int = 8192
+    batch: int = 1024
     topk: int = 4
     lr: float = 1e-2
-    batch: int = 256
+    sae_batch: int = 256
 
 
 def make_learner(
@@ -142,7 +145,7 @@ def make_learner(
     """A fresh learner of K directions for rows of ``channels`` values."""
     check_method(method, k, channels)
     if method == "sae":
-        return _SAE(k, seed, channels, options.topk, options.lr, options.batch)
+        return _SAE(k, seed, channels, options.topk, options.lr, options.sae_batch)
     from sklearn import cluster, decomposition
 
     batch = max(options.batch, 2 * k)  # every partial fit sees at least K rows

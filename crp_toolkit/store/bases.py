@@ -134,15 +134,19 @@ def position_stream(
             for s in range(0, len(ids), sampling.batch_size)
         ]
         bar = tqdm(total=len(ids), desc=f"discover {layer}", unit="img", disable=not progress)
-        with bar, torch.no_grad() if source == "activation" else nullcontext():
+        with bar:
             for batch in grouped(study.dataset, groups):
                 samples = np.asarray(batch.indices)
                 target = None
                 if source == "relevance":
                     target = torch.as_tensor(study.classes(samples), device=device)
-                x = batch.images.to(device)
-                activation, relevance = layer_values(study.analyzer, x, target, layer)
-                yield position_rows(activation, relevance, samples, sampling.positions, seed)
+                # no autograd state held across the yield: the learner trains in between
+                with torch.no_grad() if target is None else nullcontext():
+                    activation, relevance = layer_values(
+                        study.analyzer, batch.images.to(device), target, layer
+                    )
+                    rows = position_rows(activation, relevance, samples, sampling.positions, seed)
+                yield rows
                 bar.update(len(batch.indices) + len(batch.skipped))
 
     return stream
