@@ -18,7 +18,6 @@ store (``features.12@nmf16``) beside the layer's channels.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -64,12 +63,13 @@ def basis_result(layer: str, name: str) -> str:
     return f"{KIND}/{layer}/{name}"
 
 
+IDENTITY = ("model", "dataset", "composite", "explain", "output_relevance")
+
+
 def identity(study_key: dict) -> dict:
     """What a basis must share with a store to be used there: model, dataset, composite,
     explained target, output relevance."""
-    return {k: study_key[k] for k in ("model", "dataset", "composite", "explain")} | {
-        "output_relevance": study_key["output_relevance"]
-    }
+    return {k: study_key[k] for k in IDENTITY}
 
 
 # -- sampling ------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def check_basis(store: Store, basis: ConceptBasis) -> None:
     """Refuse a basis learned for another model, dataset, composite or explained target than
     the store's, or for a layer (or channel count) it does not hold."""
     provenance = store.attrs["provenance"]
-    wanted = {k: provenance.get(k) for k in ("model", "dataset", "composite", "explain")}
+    wanted = {k: provenance.get(k) for k in IDENTITY}
     given = {k: basis.provenance.get(k) for k in wanted}
     differ = [k for k in wanted if wanted[k] != given[k]]
     if differ:
@@ -265,10 +265,9 @@ def save_basis(store: Store, basis: ConceptBasis) -> str:
     Returns its concept layer name."""
     check_basis(store, basis)
     name = basis_result(basis.layer, basis.name)
-    held = read_result(store.path, name)
-    if held is not None:
-        if held.attrs.get("key") == _jsonable(basis_key(basis)):
-            return basis.concept_layer
+    if read_result(store.path, name) is not None:
+        if read_result(store.path, name, basis_key(basis)) is not None:
+            return basis.concept_layer  # the same basis: kept already
         raise FileExistsError(
             f"the store at {store.path} already holds a basis {basis.concept_layer} made with "
             "other settings (sampling or learner options); give this one another seed, or use "
@@ -325,10 +324,16 @@ def analyze_basis(
     study: Study, basis: ConceptBasis, *, batch_size: int = 64, progress: bool = True
 ) -> str:
     """Make ``basis`` a concept layer of the study's store (see the module docstring): kept
-    in the store, then analysed chunk by chunk (resumable). Returns the concept layer's name."""
-    name = save_basis(study.store, basis)
+    in the store, then analysed chunk by chunk (resumable). Returns the concept layer's name.
+    An unfinished store (its dataset pass not done) is refused before anything is written."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not study.store.complete:
+        raise RuntimeError(
+            f"the store at {study.store.path} is unfinished: run its dataset pass to the end "
+            "(crp-toolkit analyze with the same store.path) before adding a basis"
+        )
+    name = save_basis(study.store, basis)
     root = zarr.open_group(study.store.path, mode="r+")
     layout = study.store.layout
     spatial = tuple(layout.layers[basis.layer][1:])
@@ -406,8 +411,3 @@ def _concept_group(root: zarr.Group, name: str, concepts: int, n: int, chunk: in
     array("concept", (concepts,), (concepts,), "int64", ["concept"])[:] = np.arange(concepts)
     array("done", (chunks,), (1,), "bool", ["chunk"])
     return group
-
-
-def _jsonable(key: dict) -> dict:
-    """``key`` as it reads back from the store's JSON attributes."""
-    return json.loads(json.dumps(key))
