@@ -58,6 +58,9 @@ def test_run_discovers_the_basis_and_every_stage_reads_it(run_dir):
     index = (run_dir / "atlas" / "index.html").read_text()
     assert BASIS in index and "<th>label</th>" in index
     assert list(run_dir.glob("figures/features.12@pca4_*.png"))  # its concept sheets
+    # the inputs' concept atlases with the basis's concepts, beside the channels' ones
+    assert (run_dir / "figures" / "concept_atlas_0_pca4.png").exists()
+    assert (run_dir / "figures" / "concept_atlas_0.png").exists()
 
 
 def test_a_second_discover_reuses_the_basis_and_loses_nothing(run_dir, tmp_path):

@@ -49,6 +49,7 @@ from crp_toolkit.mining.statistics import (
     top_classes,
     top_concepts,
 )
+from crp_toolkit.store.bases import layer_concept
 from crp_toolkit.store.study import Study
 from crp_toolkit.store.tables import Spec
 
@@ -227,17 +228,37 @@ def prototype_pages(
 
 def input_figures(cfg: DictConfig, study: Study, folder: Path, style: FigureStyle) -> None:
     """For each of ``atlas.inputs``: its glocal explanation and its concept atlas at the first
-    layer, with localised references of its top concepts."""
+    layer, with localised references of its top concepts; the same for each learned basis of
+    that layer (``glocal_<i>_<basis>``, ``concept_atlas_<i>_<basis>``)."""
     batch = gather(study.dataset, list(cfg.atlas.inputs))
     if not batch.indices:
         return
-    store, analyzer = study.store, study.analyzer
-    layer = store.layers[0]
+    store, first = study.store, study.store.layers[0]
     x = batch.images.to(cfg.device)
-    expl = ct.analyze(x, analyzer)
-    concepts = ct.CRP(analyzer, layer, ct.TopNFeatures(cfg.atlas.concepts))(x, expl.target)
+    expl = ct.analyze(x, study.analyzer)
+    layers = [name for name in store.layers if split_concept_layer(name)[0] == first]
+    for layer in tqdm(layers, desc="input figures", unit="layer"):
+        basis = split_concept_layer(layer)[1]
+        suffix = f"_{basis}" if basis else ""
+        for i, index, panels, concepts in layer_panels(cfg, study, layer, x, expl, batch):
+            title = f"sample {index}" + (f", {layer}" if basis else "")
+            fig = glocal_figure(x[i], expl.relevance[i], panels, title=title, style=style)
+            save_figure(fig, folder / f"glocal_{index}{suffix}", style)
+            names = [p.name for p in panels]
+            fig = concept_atlas_figure(
+                x[i], concepts.relevance[i], names, [p.references for p in panels], style=style
+            )
+            save_figure(fig, folder / f"concept_atlas_{index}{suffix}", style)
+
+
+def layer_panels(cfg: DictConfig, study: Study, layer: str, x, expl, batch):
+    """Per input: its position, index, the concept panels of its top concepts of ``layer``
+    (channels or a basis) with localised references, and their CRP explanation."""
+    model_layer, concept = layer_concept(study.store, layer)
+    crp = ct.CRP(study.analyzer, model_layer, ct.TopNFeatures(cfg.atlas.concepts), concept=concept)
+    concepts = crp(x, expl.target)
     table = reference_samples(
-        store,
+        study.store,
         layer,
         k=min(cfg.mining.k, 6),
         target=cfg.mining.target,
@@ -246,15 +267,8 @@ def input_figures(cfg: DictConfig, study: Study, folder: Path, style: FigureStyl
     ids = sorted({int(c) for c in concepts.features.flatten()})
     refs = localise_references(study, table, concepts=ids, progress=True)
     crops = {c: list(refs.crops[:, j]) for j, c in enumerate(ids)}
-    for i, index in enumerate(tqdm(batch.indices, desc="input figures", unit="input")):
-        panels = concept_panels(concepts, i, layer, crops)
-        fig = glocal_figure(x[i], expl.relevance[i], panels, title=f"sample {index}", style=style)
-        save_figure(fig, folder / f"glocal_{index}", style)
-        names = [p.name for p in panels]
-        fig = concept_atlas_figure(
-            x[i], concepts.relevance[i], names, [p.references for p in panels], style=style
-        )
-        save_figure(fig, folder / f"concept_atlas_{index}", style)
+    for i, index in enumerate(batch.indices):
+        yield i, index, concept_panels(concepts, i, layer, crops), concepts
 
 
 def _merge_classes(old, new) -> list[ClassEntry]:
