@@ -55,6 +55,12 @@ def test_run_discovers_the_basis_and_every_stage_reads_it(run_dir):
     scores = (run_dir / "evaluate" / "scores.md").read_text()
     assert "## Recovery: channels against every basis" in scores
     assert "| features.12 | 64 |" in scores and f"| {BASIS} | 4 |" in scores
+    recovered = json.loads((run_dir / "evaluate" / "recovery.json").read_text())
+    assert [r["layer"] for r in recovered] == ["features.12", BASIS]
+    assert json.loads((run_dir / "evaluate" / "scores.json").read_text()).keys() == {
+        "features.12",
+        BASIS,
+    }
     index = (run_dir / "atlas" / "index.html").read_text()
     assert BASIS in index and "<th>label</th>" in index
     assert list(run_dir.glob("figures/features.12@pca4_*.png"))  # its concept sheets

@@ -1,5 +1,7 @@
 """The ``evaluate`` stage: scored discovery on data with ground-truth concepts (the built-in
-concept world): a table (``evaluate/scores.md``, ``scores.json``) and a figure per layer."""
+concept world): a table (``evaluate/scores.md``, ``scores.json``) and a figure per layer, and the
+recovery of the ground-truth concepts by every layer, channels and bases (in ``scores.md``,
+``recovery.json``)."""
 
 from __future__ import annotations
 
@@ -66,8 +68,8 @@ def evaluate(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
         f"{RECOVERY_NOTE.format(threshold=cfg.evaluate.threshold, margin=cfg.evaluate.margin)}\n\n"
         f"{recovery_markdown(recovered)}\n"
     )
-    report["recovery"] = [r.row() for r in recovered]
     (folder / "scores.md").write_text("\n".join(tables))
+    (folder / "recovery.json").write_text(json.dumps([r.row() for r in recovered], indent=2))
     (folder / "scores.json").write_text(json.dumps(report, indent=2))
     for r in recovered:
         log.info(
