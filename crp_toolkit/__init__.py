@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from crp_toolkit import composites, ops, rules
 from crp_toolkit._version import __version__ as __version__
 from crp_toolkit.concepts.attribution_graph import AttributionGraph, ConceptNode, attribution_graph
+from crp_toolkit.concepts.basis import BasisConcept, ConceptBasis
 from crp_toolkit.concepts.concepts import ChannelConcept, DirectionConcept, NeuronConcept
 from crp_toolkit.concepts.conditional import CondAttribution, CondResult
 from crp_toolkit.concepts.crp import (
@@ -60,8 +61,10 @@ __all__ = [
     "AttributionGraph",
     "ConceptNode",
     "attribution_graph",
+    "BasisConcept",
     "CRP",
     "CRPExplanation",
+    "ConceptBasis",
     "ChannelConcept",
     "CondAttribution",
     "CondResult",

@@ -39,15 +39,20 @@ from crp_toolkit.atlas.site import (
     write_site,
 )
 from crp_toolkit.atlas.views import ReferenceViews, reference_views
+from crp_toolkit.concepts.basis import split_concept_layer
 from crp_toolkit.data.loading import gather
 from crp_toolkit.mining.ablation import read_ablation
+from crp_toolkit.mining.discovery import has_ground_truth
+from crp_toolkit.mining.labels import ConceptLabels, concept_labels
 from crp_toolkit.mining.localise import localise_references
 from crp_toolkit.mining.references import reference_samples
 from crp_toolkit.mining.statistics import (
     top_classes,
     top_concepts,
 )
+from crp_toolkit.store.bases import layer_concept
 from crp_toolkit.store.study import Study
+from crp_toolkit.store.tables import Spec
 
 log = logging.getLogger("crp_toolkit")
 FIGURE_KEYS = ("width", "dpi", "font_size", "cmap", "palette", "formats")
@@ -64,7 +69,8 @@ def atlas(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     content = SiteContent(title="crp_toolkit concept atlas", concepts=[])
     for layer in store.layers:
         mined = mine_layer(cfg.mining, study, layer, reuse=True, progress=True)
-        part = layer_pages(mined, study, cfg.mining.seed, names, folder, style)
+        labels = layer_labels(cfg, study, mined)
+        part = layer_pages(mined, study, cfg.mining.seed, names, folder, style, labels)
         content = SiteContent(
             content.title,
             [*content.concepts, *part.concepts],
@@ -76,6 +82,17 @@ def atlas(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     if cfg.atlas.html:
         index = write_site(content, out / "atlas")
         log.info("HTML atlas: %s", index)
+
+
+def layer_labels(cfg: DictConfig, study: Study, mined: MinedLayer) -> ConceptLabels | None:
+    """Labels of the layer's concepts with references, from the same references, when the
+    dataset has named masks (else None)."""
+    if not has_ground_truth(study.dataset):
+        return None
+    spec = Spec("relevance", cfg.mining.pool, cfg.mining.normalised)
+    return concept_labels(
+        study, mined.layer, concepts=mined.concepts, n_refs=cfg.mining.n_refs, spec=spec
+    )
 
 
 def figure_style(cfg: DictConfig) -> FigureStyle:
@@ -90,9 +107,10 @@ def layer_pages(
     names: list[str],
     folder: Path,
     style: FigureStyle,
+    labels: ConceptLabels | None = None,
 ) -> SiteContent:
     """A layer's figures (map, class importance, prototypes, ablation, concept sheets) and its
-    part of the site."""
+    part of the site; with ``labels``, each concept's label on its sheet and entry."""
     layer, stats, sim = mined.layer, mined.stats, mined.similarity
     stem = f"{folder / layer}"
     views = reference_views(study, mined.relmax), reference_views(study, mined.actmax)
@@ -116,7 +134,17 @@ def layer_pages(
         save_figure(fig, f"{stem}_ablation", style)
     relevance = dataset_relevance(stats)
     concepts = [
-        concept_entry(mined, views, c, float(relevance[c]), study, names, folder, style)
+        concept_entry(
+            mined,
+            views,
+            c,
+            float(relevance[c]),
+            study,
+            names,
+            folder,
+            style,
+            labels and labels.of(c),
+        )
         for c in tqdm(chosen, desc=f"concept sheets {layer}", unit="concept")
     ]
     classes = [
@@ -144,9 +172,11 @@ def concept_entry(
     names: list[str],
     folder: Path,
     style: FigureStyle,
+    label: tuple[str, float] | None = None,
 ) -> ConceptEntry:
     """A concept's sheet (RelMax and ActMax crops from ``views``, the classes using it, the
-    attribution graph on its best reference) and its atlas entry."""
+    attribution graph on its best reference; its label and score when given) and its atlas
+    entry."""
     j, layer = mined.column(concept), mined.layer
     used = [
         (names[y], float(mined.stats.usage[concept, y]))
@@ -154,16 +184,26 @@ def concept_entry(
     ]
     best = int(mined.relmax.samples[0, j])
     x = gather(study.dataset, [best]).images
-    graph = ct.attribution_graph(
-        study.analyzer, x, layer, concept, target=int(mined.relmax.classes[0, j])
-    )
+    graph = None  # attribution graphs follow channels; a basis's concepts have none yet
+    if split_concept_layer(layer)[1] is None:
+        target = int(mined.relmax.classes[0, j])
+        graph = ct.attribution_graph(study.analyzer, x, layer, concept, target=target)
     relmax, actmax = list(views[0].crops[:, j]), list(views[1].crops[:, j])
-    sheet = ConceptSheet(f"{layer}:{concept}", relmax, actmax, used, graph)
+    text = f"{label[0]} ({label[1]:.2f})" if label else ""
+    title = f"{layer}:{concept}" + (f" - {text}" if text else "")
+    sheet = ConceptSheet(title, relmax, actmax, used, graph)
     path = save_figure(
         concept_sheet_figure(sheet, style=style), f"{folder / layer}_{concept}", style
     )
     return ConceptEntry(
-        layer, concept, relevance, relmax[0], used, [path[0]], list(views[0].dimmed[:, j])
+        layer,
+        concept,
+        relevance,
+        relmax[0],
+        used,
+        [path[0]],
+        list(views[0].dimmed[:, j]),
+        label=text,
     )
 
 
@@ -202,17 +242,37 @@ def prototype_pages(
 
 def input_figures(cfg: DictConfig, study: Study, folder: Path, style: FigureStyle) -> None:
     """For each of ``atlas.inputs``: its glocal explanation and its concept atlas at the first
-    layer, with localised references of its top concepts."""
+    layer, with localised references of its top concepts; the same for each learned basis of
+    that layer (``glocal_<i>_<basis>``, ``concept_atlas_<i>_<basis>``)."""
     batch = gather(study.dataset, list(cfg.atlas.inputs))
     if not batch.indices:
         return
-    store, analyzer = study.store, study.analyzer
-    layer = store.layers[0]
+    store, first = study.store, study.store.layers[0]
     x = batch.images.to(cfg.device)
-    expl = ct.analyze(x, analyzer)
-    concepts = ct.CRP(analyzer, layer, ct.TopNFeatures(cfg.atlas.concepts))(x, expl.target)
+    expl = ct.analyze(x, study.analyzer)
+    layers = [name for name in store.layers if split_concept_layer(name)[0] == first]
+    for layer in tqdm(layers, desc="input figures", unit="layer"):
+        basis = split_concept_layer(layer)[1]
+        suffix = f"_{basis}" if basis else ""
+        for i, index, panels, concepts in layer_panels(cfg, study, layer, x, expl, batch):
+            title = f"sample {index}" + (f", {layer}" if basis else "")
+            fig = glocal_figure(x[i], expl.relevance[i], panels, title=title, style=style)
+            save_figure(fig, folder / f"glocal_{index}{suffix}", style)
+            names = [p.name for p in panels]
+            fig = concept_atlas_figure(
+                x[i], concepts.relevance[i], names, [p.references for p in panels], style=style
+            )
+            save_figure(fig, folder / f"concept_atlas_{index}{suffix}", style)
+
+
+def layer_panels(cfg: DictConfig, study: Study, layer: str, x, expl, batch):
+    """Per input: its position, index, the concept panels of its top concepts of ``layer``
+    (channels or a basis) with localised references, and their CRP explanation."""
+    model_layer, concept = layer_concept(study.store, layer)
+    crp = ct.CRP(study.analyzer, model_layer, ct.TopNFeatures(cfg.atlas.concepts), concept=concept)
+    concepts = crp(x, expl.target)
     table = reference_samples(
-        store,
+        study.store,
         layer,
         n_refs=min(cfg.mining.n_refs, 6),
         pool=cfg.mining.pool,
@@ -222,15 +282,8 @@ def input_figures(cfg: DictConfig, study: Study, folder: Path, style: FigureStyl
     refs = localise_references(study, table, concepts=ids, progress=True)
     shown = reference_views(study, refs).crops
     crops = {c: list(shown[:, j]) for j, c in enumerate(ids)}
-    for i, index in enumerate(tqdm(batch.indices, desc="input figures", unit="input")):
-        panels = concept_panels(concepts, i, layer, crops)
-        fig = glocal_figure(x[i], expl.relevance[i], panels, title=f"sample {index}", style=style)
-        save_figure(fig, folder / f"glocal_{index}", style)
-        names = [p.name for p in panels]
-        fig = concept_atlas_figure(
-            x[i], concepts.relevance[i], names, [p.references for p in panels], style=style
-        )
-        save_figure(fig, folder / f"concept_atlas_{index}", style)
+    for i, index in enumerate(batch.indices):
+        yield i, index, concept_panels(concepts, i, layer, crops), concepts
 
 
 def _merge_classes(old, new) -> list[ClassEntry]:

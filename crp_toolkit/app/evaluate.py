@@ -1,5 +1,7 @@
 """The ``evaluate`` stage: scored discovery on data with ground-truth concepts (the built-in
-concept world): a table (``evaluate/scores.md``, ``scores.json``) and a figure per layer."""
+concept world): a table (``evaluate/scores.md``, ``scores.json``) and a figure per layer, and the
+recovery of the ground-truth concepts by every layer, channels and bases (in ``scores.md``,
+``recovery.json``)."""
 
 from __future__ import annotations
 
@@ -16,8 +18,17 @@ from crp_toolkit.app.mine import mine_layer
 from crp_toolkit.atlas.figures import FigureStyle, save_figure
 from crp_toolkit.atlas.sheets import grouped_bars_figure
 from crp_toolkit.mining.discovery import DiscoveryScores, score_discovery
+from crp_toolkit.mining.recovery import recovery, recovery_markdown
 
 log = logging.getLogger("crp_toolkit")
+RECOVERY_NOTE = (
+    "Each layer's concepts (all channels, or a basis's K directions without its residual) "
+    "matched one-to-one to the ground-truth concepts by the mean relevance mass accuracy of "
+    "their RelMax references; recovered: matched with at least {threshold} of the positive "
+    "relevance on the concept, and at least {margin} more than on any other ground-truth "
+    "concept. Redundancy: mean |cosine| of the concepts' relevance vectors; "
+    "polysemanticity: distinct ground-truth concepts a concept's references match best."
+)
 
 
 def evaluate(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
@@ -41,10 +52,29 @@ def evaluate(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
         tables.append(f"## {layer}\n\n{scores.markdown(names)}\n")
         report[layer] = summary(scores) | {"scores": scores.rows()}
         save_figure(discovery_figure(scores, names, style), folder / f"discovery_{layer}", style)
+    recovered = [
+        recovery(
+            study,
+            layer,
+            n_refs=cfg.evaluate.n_refs,
+            threshold=cfg.evaluate.threshold,
+            margin=cfg.evaluate.margin,
+            progress=True,
+        )
+        for layer in store.layers
+    ]
+    tables.append(
+        "## Recovery: channels against every basis\n\n"
+        f"{RECOVERY_NOTE.format(threshold=cfg.evaluate.threshold, margin=cfg.evaluate.margin)}\n\n"
+        f"{recovery_markdown(recovered)}\n"
+    )
     (folder / "scores.md").write_text("\n".join(tables))
+    (folder / "recovery.json").write_text(json.dumps([r.row() for r in recovered], indent=2))
     (folder / "scores.json").write_text(json.dumps(report, indent=2))
-    for layer, found in report.items():
-        log.info("%s: %s", layer, {k: v for k, v in found.items() if k != "scores"})
+    for r in recovered:
+        log.info(
+            "%s recovers %d of %d: %s", r.layer, r.recovered, r.ground_truth, r.recovered_names
+        )
 
 
 def summary(scores: DiscoveryScores) -> dict:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from crp_toolkit.app.context import Loaded, open_study
+from crp_toolkit.concepts.basis import split_concept_layer
 from crp_toolkit.mining.ablation import ablation_curves
 from crp_toolkit.mining.localise import LocalisedReferences, localise_references
 from crp_toolkit.mining.prototypes import Prototypes, fit_prototypes
@@ -55,6 +56,12 @@ def mine(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     for layer in layers:
         layers.set_postfix_str(layer)
         mined = mine_layer(m, study, layer, reuse=False, progress=True)
+        summary[layer] = {
+            "concepts": mined.concepts,
+            "clusters": int(mined.similarity.cluster.max()) + 1,
+        }
+        if split_concept_layer(layer)[1] is not None:
+            continue  # ablation switches channels off; a basis's concepts are not channels
         curves = ablation_curves(
             study,
             layer,
@@ -63,13 +70,9 @@ def mine(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
             seed=m.seed,
             progress=True,
         )
-        summary[layer] = {
-            "concepts": mined.concepts,
-            "clusters": int(mined.similarity.cluster.max()) + 1,
-            "ablation_area": dict(
-                zip(curves.orderings, curves.area.round(4).tolist(), strict=True)
-            ),
-        }
+        summary[layer]["ablation_area"] = dict(
+            zip(curves.orderings, curves.area.round(4).tolist(), strict=True)
+        )
     (out / "mining.json").write_text(json.dumps(summary, indent=2))
     log.info("mined %s into %s", ", ".join(store.layers), store.path)
 

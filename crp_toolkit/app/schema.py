@@ -16,8 +16,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from crp_toolkit.store.zarr_store import StoreOptions
 
-# `run` runs the others in this order (evaluate only on data with ground truth)
-PIPELINE = ("explain", "analyze", "mine", "atlas", "evaluate")
+# `run` runs the others in this order (discover only with discover.methods, evaluate only on
+# data with ground truth)
+PIPELINE = ("explain", "analyze", "discover", "mine", "atlas", "evaluate")
 STAGES = (*PIPELINE, "run", "verify")
 # part of each run folder's name (``${run_id:}``): two runs started in the same second differ,
 # and the ranks of one torchrun job (one TORCHELASTIC_RUN_ID) share theirs
@@ -65,6 +66,19 @@ class AnalysisConfig:
 
 
 @dataclass
+class DiscoverConfig:
+    methods: list[str] = field(default_factory=list)  # nmf, pca, dictionary, kmeans, sae
+    layer: str | None = None  # None: the first of concepts.layers
+    n_concepts: int = 16  # directions per basis
+    source: str = "activation"  # or "relevance"-weighted activations
+    seed: int = 0
+    positions: int = 16  # positions sampled per image
+    images: int | None = None  # the first N readable samples (None: all)
+    epochs: int = 1
+    sae_topk: int = 4
+
+
+@dataclass
 class MiningConfig:
     n_refs: int = 8  # reference samples per concept
     pool: str = "sum"  # relevance (activation) summed over space, or its "max"
@@ -95,6 +109,8 @@ class EvaluateConfig:
     top: int = 3  # most relevant concepts scored per class
     n_refs: int = 8  # reference samples per concept
     watermark_top: int = 16  # concepts of the watermark's class searched for the watermark
+    threshold: float = 0.25  # recovered: this share of the references' relevance on the concept
+    margin: float = 0.05  # ... and this much more than on any other ground-truth concept
 
 
 @dataclass
@@ -111,6 +127,7 @@ class Config:
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    discover: DiscoverConfig = field(default_factory=DiscoverConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     atlas: AtlasConfig = field(default_factory=AtlasConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -143,6 +160,7 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"loader.on_error={cfg.loader.on_error!r} must be 'skip' or 'fail'")
     if cfg.analysis.target not in ("label", "prediction"):
         problems.append(f"analysis.target={cfg.analysis.target!r} must be label or prediction")
+    problems += _discover_problems(cfg)
     problems += _store_path_problems(cfg)
     if problems:
         raise ValueError("bad config: " + "; ".join(problems))
@@ -153,3 +171,21 @@ def _store_path_problems(cfg: DictConfig) -> list[str]:
 
     problem = cfg.store.path and store_path_problem(cfg.store.path)
     return [f"store.path={cfg.store.path}: {problem}"] if problem else []
+
+
+def _discover_problems(cfg: DictConfig) -> list[str]:
+    from crp_toolkit.concepts.basis import SOURCES
+    from crp_toolkit.concepts.learning import METHODS
+
+    d, problems = cfg.discover, []
+    unknown = [m for m in d.methods if m not in METHODS]
+    if unknown:
+        problems.append(f"discover.methods has unknown {unknown}: choose from {list(METHODS)}")
+    if d.source not in SOURCES:
+        problems.append(f"discover.source={d.source!r} must be one of {list(SOURCES)}")
+    for key in ("n_concepts", "positions", "epochs", "sae_topk"):
+        if d[key] < 1:
+            problems.append(f"discover.{key}={d[key]} must be at least 1")
+    if d.images is not None and d.images < 1:
+        problems.append(f"discover.images={d.images} must be at least 1 (or null: all)")
+    return problems

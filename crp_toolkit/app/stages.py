@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from crp_toolkit.app.analyze import analyze
 from crp_toolkit.app.atlas import atlas
 from crp_toolkit.app.context import claim_output, load
+from crp_toolkit.app.discover import check_request, discover
 from crp_toolkit.app.evaluate import evaluate
 from crp_toolkit.app.explain import explain
 from crp_toolkit.app.mine import mine
@@ -24,6 +25,7 @@ log = logging.getLogger("crp_toolkit")
 RUNNERS = {
     "explain": explain,
     "analyze": analyze,
+    "discover": discover,
     "mine": mine,
     "atlas": atlas,
     "evaluate": evaluate,
@@ -40,10 +42,14 @@ def run(cfg: DictConfig) -> None:
         RUNNERS[cfg.stage](cfg, out)
     else:
         loaded = load(cfg)  # model, dataset and analyzer made once for every stage
+        if cfg.discover.methods:
+            check_request(cfg, loaded)  # a basis the layer cannot hold: refused before work
         for name in PIPELINE:
             if name == "evaluate" and not has_ground_truth(loaded.dataset):
                 log.info("evaluate skipped: the dataset has no ground-truth concepts")
                 continue
+            if name == "discover" and not cfg.discover.methods:
+                continue  # no basis configured: the layers' channels only
             log.info("stage %s", name)
             RUNNERS[name](cfg, out, loaded)
     print(f"results in {out}")

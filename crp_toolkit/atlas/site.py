@@ -38,6 +38,7 @@ class ConceptEntry:
     top_classes: Sequence[tuple[str, float]] = ()
     figures: Sequence[ImageSource] = ()
     references: Sequence[ImageSource] = ()
+    label: str = ""  # its best name in an annotated probe set and the score, if known
 
     @property
     def id(self) -> str:
@@ -212,8 +213,9 @@ def _concept_body(
     )
     table = f"<table><tbody>{classes}</tbody></table>" if classes else ""
     back = f"index.html#{layer_anchor(c.layer)}"
+    label = f" &middot; label {escape(c.label)}" if c.label else ""
     return (
-        f"<p>{_link(back, c.layer)} &middot; relevance {c.relevance:.4g}</p>"
+        f"<p>{_link(back, c.layer)} &middot; relevance {c.relevance:.4g}{label}</p>"
         f"{figures}{_section('references', references)}{_section('top classes', table)}"
     )
 
@@ -276,13 +278,14 @@ def _layer_table(
             f'data-classes="{escape(json.dumps([n.lower() for n in names]))}">'
             f'<td>{_link(page, str(c.concept))}</td><td><a href="{escape(page)}">'
             f'<img class="thumb" src="{escape(thumbs[c.id])}" alt="{escape(c.id)}"></a></td>'
-            f"<td>{c.relevance:.4g}</td><td>{top}</td></tr>"
+            f"<td>{c.relevance:.4g}</td><td>{escape(c.label)}</td><td>{top}</td></tr>"
         )
     head = (
         '<tr><th><button class="sort" data-key="concept" data-first="asc">concept</button>'
         "</th><th></th>"
         '<th aria-sort="descending"><button class="sort" data-key="relevance" '
-        'data-first="desc" data-order="desc">relevance</button></th><th>top classes</th></tr>'
+        'data-first="desc" data-order="desc">relevance</button></th><th>label</th>'
+        "<th>top classes</th></tr>"
     )
     return (
         f'<h2 id="{escape(layer_anchor(layer))}">{escape(layer)}</h2><table class="concepts">'

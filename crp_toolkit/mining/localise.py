@@ -26,12 +26,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from crp_toolkit.concepts.concepts import spatial_view
+from crp_toolkit.concepts.basis import concept_maps
+from crp_toolkit.concepts.concepts import ChannelConcept, Concept, spatial_view
 from crp_toolkit.concepts.conditional import OUTPUT, CondAttribution
 from crp_toolkit.engine.layout import layouts
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.engine.receptive_field import receptive_field
 from crp_toolkit.mining.references import ReferenceTable
+from crp_toolkit.store.bases import layer_concept
 from crp_toolkit.store.results import keyed_name, read_result, write_result
 from crp_toolkit.store.study import Study
 
@@ -126,19 +128,27 @@ def _localise(
     classes = study.classes(samples)
     concept_of = np.broadcast_to(ids, samples.shape).ravel()
     layer = references.layer
+    model_layer, concept = layer_concept(study.store, layer)  # channels, or a learned basis
     desc = f"localise {layer} ({references.mode})"
     with tqdm(total=len(images), desc=desc, unit="ref", leave=False, disable=not progress) as bar:
         heatmaps, layer_maps = conditional_maps(
-            study.analyzer, images, classes.ravel(), layer, concept_of, batch_size, bar=bar
+            study.analyzer,
+            images,
+            classes.ravel(),
+            model_layer,
+            concept_of,
+            batch_size,
+            bar=bar,
+            concept=concept,
         )
     if references.mode == "activation":
         rows, columns = np.broadcast_arrays(samples, ids[None, :])
         argmax = study.store.layer(layer, "act_argmax").vindex[rows, columns]
-        positions = _unravel(argmax.ravel(), tuple(study.store.attrs["layers"][layer][1:]))
+        positions = _unravel(argmax.ravel(), study.store.shape(layer)[1:])
     else:
         flat = layer_maps.flatten(1).argmax(1).numpy()
         positions = _unravel(flat, tuple(layer_maps.shape[1:]))
-    field = receptive_field(study.analyzer, layer, tuple(images.shape[1:]))
+    field = receptive_field(study.analyzer, model_layer, tuple(images.shape[1:]))
     boxes = np.stack([field.box(p) for p in positions])
     height, width = images.shape[2:]
     shape = samples.shape
@@ -160,12 +170,15 @@ def conditional_maps(
     concepts: Sequence[int],
     batch_size: int = 32,
     bar: tqdm | None = None,
+    concept: Concept | None = None,
 ) -> tuple[Tensor, Tensor]:
     """For pairs (image i, concept ``concepts[i]``), explaining ``classes[i]``: the input
-    heatmap of the concept (P, H, W) and the relevance of its channel at ``layer`` (P, ...),
+    heatmap of the concept (P, H, W) and the concept's relevance map at ``layer`` (P, ...),
     as ``CondAttribution`` gives them for ``{"y": classes[i], layer: [concepts[i]]}``, with
-    ``batch_size`` pairs per call (every pair its own row), each call advancing ``bar``."""
-    attribution = CondAttribution(analyzer)
+    ``batch_size`` pairs per call (every pair its own row), each call advancing ``bar``.
+    ``concept``: what the ids of ``layer`` are (channels by default, or a learned basis)."""
+    concept = concept or ChannelConcept()
+    attribution = CondAttribution(analyzer, {layer: concept})
     like = next(analyzer.model.parameters(), images)
     found, index = layouts(analyzer, images.shape[1:]), analyzer.graph.index(layer)
     heat, maps = [], []
@@ -178,9 +191,9 @@ def conditional_maps(
         x = images[part].to(device=like.device, dtype=like.dtype)
         result = attribution(x, conditions, record=[layer])
         chosen = torch.as_tensor(np.asarray(concepts[part]), device=x.device)
-        relevance = spatial_view(
-            result.relevances[layer], found.axes[index], found.grids[index], layer
-        )
+        axis, grid = found.axes[index], found.grids[index]
+        values = (result.relevances[layer], result.activations[layer])
+        relevance = concept_maps(concept, *(spatial_view(t, axis, grid, layer) for t in values))
         heat.append(result.heatmaps.float().cpu())
         maps.append(relevance[torch.arange(len(x), device=x.device), chosen].float().cpu())
         if bar is not None:

@@ -69,7 +69,7 @@ def concept_scores(store: Store, layer: str, rows: slice, spec: Spec) -> np.ndar
     """The (rows x concepts) scores by ``spec``: relevance or activation, summed ("sum") or
     maximal ("max") over space, optionally divided per sample by the sum of absolute scores
     (zennit-crp's abs_norm); see ``crp_toolkit.store.tables.scores``."""
-    positions = int(np.prod(store.attrs["layers"][layer][1:], dtype=np.int64))
+    positions = int(np.prod(store.shape(layer)[1:], dtype=np.int64))
     return scores(store.layer(layer, spec.stat)[rows], spec, positions)
 
 

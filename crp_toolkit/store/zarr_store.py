@@ -501,7 +501,15 @@ class Store:
 
     @property
     def layers(self) -> list[str]:
-        return list(self.attrs["layers"])
+        """The layers of the dataset pass, then the concept layers of learned bases
+        (``features.12@nmf16``, see ``crp_toolkit.store.bases``)."""
+        return [*self.attrs["layers"], *self.attrs.get("concept_layers", {})]
+
+    def shape(self, layer: str) -> tuple[int, ...]:
+        """One sample's (concepts, *spatial) shape of a layer of the store."""
+        self.layer(layer)  # an unknown layer fails here, naming the stored ones
+        shapes = {**self.attrs["layers"], **self.attrs.get("concept_layers", {})}
+        return tuple(shapes[layer])
 
     @property
     def classes(self) -> int:
@@ -534,7 +542,7 @@ class Store:
         return CheckedArray(self.group[f"samples/{name}"], self.path)
 
     def layer(self, layer: str, stat: str = "relevance") -> CheckedArray:
-        if layer not in self.attrs["layers"]:
+        if layer not in self.layers:
             raise KeyError(f"layer {layer!r} is not in the store; it holds {self.layers}")
         return CheckedArray(self.group[f"layers/{layer}/{stat}"], self.path)
 

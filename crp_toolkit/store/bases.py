@@ -1,0 +1,413 @@
+"""Learned concept bases in the dataset store: discovering a basis from a study's dataset, keeping
+it as a derived result with its provenance, and the pass that makes it a *concept layer* of the
+store (``features.12@nmf16``) beside the layer's channels.
+
+- :func:`discover_basis` streams positions (activation vectors, or activation vectors weighted
+  by the position's positive relevance) from the dataset through the analyzer, a batch at a
+  time, a seeded sample of ``positions`` per image, into a learner
+  (``crp_toolkit.concepts.learning``): memory is one batch and one block of rows, whatever N.
+- :func:`save_basis` / :func:`load_basis` / :func:`list_bases`: ``derived/bases/<layer>/<name>``,
+  keyed by the store's model, dataset, composite and explained target; a basis made for another
+  model or store is refused by name.
+- :func:`analyze_basis`: per sample, the relevance of each of the K directions and of the
+  residual (conditional relevance, ``BasisConcept``), their spatial max and the coefficients'
+  statistics, in the same arrays a layer of the dataset pass has (``layers/<concept layer>/``),
+  written a store chunk at a time with its own progress (resumable), then listed in the root
+  attributes (``concept_layers``) so that mining, the atlas and evaluate read it as a layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import zarr
+from torch import Tensor
+from tqdm import tqdm
+
+from crp_toolkit.concepts.basis import (
+    SOURCES,
+    BasisConcept,
+    ConceptBasis,
+    split_concept_layer,
+)
+from crp_toolkit.concepts.concepts import ChannelConcept, Concept
+from crp_toolkit.concepts.learning import LearnerOptions, check_method, learn_directions
+from crp_toolkit.data.loading import grouped
+from crp_toolkit.engine.lrp import LRP
+from crp_toolkit.store.analysis import layer_statistics
+from crp_toolkit.store.integrity import COMPRESSOR, WRITE_ALL
+from crp_toolkit.store.results import list_results, read_result, write_result
+from crp_toolkit.store.study import Study
+from crp_toolkit.store.zarr_store import Store, StoreMismatchError
+
+KIND = "bases"
+STATS = ("relevance", "rel_max", "act_max", "act_mean", "act_argmax")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How positions are sampled for learning: ``positions`` per image (all when an image has
+    fewer), images explained ``batch_size`` at a time, the first ``images`` readable samples
+    of the store (all by default)."""
+
+    positions: int = 16
+    batch_size: int = 64
+    images: int | None = None
+
+
+def basis_result(layer: str, name: str) -> str:
+    return f"{KIND}/{layer}/{name}"
+
+
+IDENTITY = ("model", "dataset", "composite", "target", "output_relevance")
+
+
+def identity(study_key: dict) -> dict:
+    """What a basis must share with a store to be used there: model, dataset, composite,
+    explained target, output relevance."""
+    return {k: study_key[k] for k in IDENTITY}
+
+
+# -- sampling ------------------------------------------------------------------------------
+def layer_values(
+    analyzer: LRP, x: Tensor, target: Tensor | None, layer: str
+) -> tuple[Tensor, Tensor | None]:
+    """The activation (B, C, ...) of ``layer`` and, given ``target``, the relevance arriving
+    there while explaining it (one forward; the backward stops at the layer)."""
+    index = analyzer.graph.index(layer)
+    fp = analyzer.forward(x, keep=[index], above=index)
+    activation = fp.value(index)
+    if target is None:
+        return activation, None
+    init = {analyzer.graph.output_layer: analyzer.output_relevance(fp.output, target)[None]}
+    pending, _ = analyzer.propagate(fp, init, stop=index)
+    return activation, pending[index][0]
+
+
+def position_rows(
+    activation: Tensor, relevance: Tensor | None, samples: np.ndarray, positions: int, seed: int
+) -> np.ndarray:
+    """Up to ``positions`` activation vectors (rows of C) per sample, at positions drawn by a
+    generator seeded with (seed, sample id) (so batches do not change them). With
+    ``relevance``, each row is scaled by its position's share of the sample's positive
+    relevance (times the number of positions: 1 on average)."""
+    a = activation.flatten(2) if activation.dim() > 2 else activation[..., None]
+    a = a.transpose(1, 2).double().cpu().numpy()  # (B, P, C)
+    weight = None
+    if relevance is not None:
+        r = relevance.flatten(2) if relevance.dim() > 2 else relevance[..., None]
+        positive = r.clamp_min(0).sum(1).double().cpu().numpy()  # (B, P)
+        total = positive.sum(1, keepdims=True)
+        weight = np.divide(
+            positive * a.shape[1], total, out=np.zeros_like(positive), where=total > 0
+        )
+    rows = []
+    for b, sample in enumerate(samples):
+        rng = np.random.default_rng([seed, int(sample)])
+        chosen = np.sort(rng.permutation(a.shape[1])[:positions])
+        picked = a[b, chosen]
+        rows.append(picked if weight is None else picked * weight[b, chosen, None])
+    return np.concatenate(rows) if rows else np.zeros((0, a.shape[2]))
+
+
+def position_stream(
+    study: Study,
+    layer: str,
+    source: str,
+    sampling: SamplingOptions,
+    seed: int,
+    progress: bool,
+) -> Callable[[], Iterator[np.ndarray]]:
+    """A stream (called once per epoch) of sampled rows of ``layer`` over the study's readable
+    samples, one batch of images at a time, with a bar of the images done."""
+    valid = np.flatnonzero(study.store.samples("valid")[:])
+    ids = valid if sampling.images is None else valid[: sampling.images]
+    device = next(study.analyzer.model.parameters()).device
+
+    def stream() -> Iterator[np.ndarray]:
+        groups = [
+            ids[s : s + sampling.batch_size].tolist()
+            for s in range(0, len(ids), sampling.batch_size)
+        ]
+        bar = tqdm(total=len(ids), desc=f"discover {layer}", unit="img", disable=not progress)
+        with bar:
+            for batch in grouped(study.dataset, groups):
+                samples = np.asarray(batch.indices)
+                target = None
+                if source == "relevance":
+                    target = torch.as_tensor(study.classes(samples), device=device)
+                # no autograd state held across the yield: the learner trains in between
+                with torch.no_grad() if target is None else nullcontext():
+                    activation, relevance = layer_values(
+                        study.analyzer, batch.images.to(device), target, layer
+                    )
+                    rows = position_rows(activation, relevance, samples, sampling.positions, seed)
+                yield rows
+                bar.update(len(batch.indices) + len(batch.skipped))
+
+    return stream
+
+
+# -- discovery -----------------------------------------------------------------------------
+def check_discovery(
+    study: Study, layer: str, method: str, k: int, source: str, sampling: SamplingOptions
+) -> None:
+    """Refuse a discovery that cannot work, before any sample is read: a layer the store does
+    not hold as channels, an unknown method or source, K over the channels or over the
+    positions that will be sampled."""
+    store = study.store
+    if layer not in store.attrs["layers"]:
+        raise KeyError(
+            f"layer {layer!r} is not a channel layer of the store at {store.path}; it holds "
+            f"{list(store.attrs['layers'])}: learn a basis of one of them (concepts.layers)"
+        )
+    channels = store.attrs["layers"][layer][0]
+    check_method(method, k, channels)
+    if source not in SOURCES:
+        raise ValueError(f"unknown basis source {source!r}; choose one of {', '.join(SOURCES)}")
+    if sampling.positions < 1 or sampling.batch_size < 1:
+        raise ValueError(f"positions and batch_size must be at least 1, got {sampling}")
+    spatial = int(np.prod(store.attrs["layers"][layer][1:], dtype=np.int64))
+    images = int(store.samples("valid")[:].sum())
+    images = images if sampling.images is None else min(images, sampling.images)
+    rows = images * min(sampling.positions, spatial)
+    if rows < k:
+        raise ValueError(
+            f"K={k} directions from {rows} sampled positions ({images} images x "
+            f"{min(sampling.positions, spatial)} positions): K must not exceed the samples; "
+            "sample more positions per image (discover.positions) or choose a smaller K"
+        )
+
+
+def discover_basis(
+    study: Study,
+    layer: str,
+    method: str,
+    k: int,
+    *,
+    source: str = "activation",
+    seed: int = 0,
+    epochs: int = 1,
+    sampling: SamplingOptions = SamplingOptions(),
+    learner: LearnerOptions | None = None,
+    progress: bool = True,
+) -> ConceptBasis:
+    """Learn K directions of ``layer``'s channel space by ``method`` from the study's dataset
+    (``source``: "activation" or "relevance"-weighted activation at sampled positions; see the
+    module docstring; NMF learns from their positive part, what a following ReLU passes on);
+    seeded, so the same call gives the same basis. Checked before work
+    (:func:`check_discovery`)."""
+    check_discovery(study, layer, method, k, source, sampling)
+    learner = learner or LearnerOptions()
+    stream = position_stream(study, layer, source, sampling, seed, progress)
+    if method == "nmf":  # the positive part: what a following ReLU passes on
+        stream = _positive_part(stream)
+    channels = study.store.attrs["layers"][layer][0]
+    directions, seen = learn_directions(
+        stream, method, k, seed, channels, epochs=epochs, options=learner
+    )
+    provenance = identity(study.key) | {
+        "positions_seen": seen,
+        "sampling": asdict(sampling),
+        "learner": asdict(learner),
+        "epochs": epochs,
+    }
+    return ConceptBasis(layer, method, source, seed, directions, provenance)
+
+
+def _positive_part(stream: Callable[[], Iterator[np.ndarray]]) -> Callable[[], Iterator]:
+    return lambda: (np.clip(rows, 0, None) for rows in stream())
+
+
+# -- kept in the store ---------------------------------------------------------------------
+def basis_key(basis: ConceptBasis) -> dict:
+    """What fixes a stored basis: its provenance and settings."""
+    return {
+        **dict(basis.provenance),
+        "layer": basis.layer,
+        "method": basis.method,
+        "source": basis.source,
+        "seed": basis.seed,
+        "k": basis.k,
+    }
+
+
+def check_basis(store: Store, basis: ConceptBasis) -> None:
+    """Refuse a basis learned for another model, dataset, composite or explained target than
+    the store's, or for a layer (or channel count) it does not hold."""
+    provenance = store.attrs["provenance"]
+    wanted = {k: provenance.get(k) for k in IDENTITY}
+    given = {k: basis.provenance.get(k) for k in wanted}
+    differ = [k for k in wanted if wanted[k] != given[k]]
+    if differ:
+        raise StoreMismatchError(
+            f"the basis {basis.concept_layer} was learned for another "
+            f"{' and '.join(differ)} than the store at {store.path} was made with "
+            f"({', '.join(f'{k}: {given[k]!r} vs {wanted[k]!r}' for k in differ)}); learn it "
+            "for this store (crp-toolkit discover store.path=...); nothing was changed"
+        )
+    layers = store.attrs["layers"]
+    if basis.layer not in layers or layers[basis.layer][0] != basis.channels:
+        raise StoreMismatchError(
+            f"the basis {basis.concept_layer} has {basis.channels} channels of layer "
+            f"{basis.layer!r}, which the store at {store.path} does not hold (its layers: "
+            f"{ {n: s[0] for n, s in layers.items()} }); nothing was changed"
+        )
+
+
+def save_basis(store: Store, basis: ConceptBasis) -> str:
+    """Keep ``basis`` in the store (checked against it first). A basis of the same name made
+    with other settings is refused rather than replaced (nothing in the store is lost).
+    Returns its concept layer name."""
+    check_basis(store, basis)
+    name = basis_result(basis.layer, basis.name)
+    if read_result(store.path, name) is not None:
+        if read_result(store.path, name, basis_key(basis)) is not None:
+            return basis.concept_layer  # the same basis: kept already
+        raise FileExistsError(
+            f"the store at {store.path} already holds a basis {basis.concept_layer} made with "
+            "other settings (sampling or learner options); give this one another seed, or use "
+            "another store; nothing was changed"
+        )
+    attrs = {"layer": basis.layer, "method": basis.method, "source": basis.source}
+    attrs |= {"seed": basis.seed, "provenance": dict(basis.provenance)}
+    write_result(
+        store.path,
+        name,
+        {"directions": np.asarray(basis.directions, np.float64)},
+        dims={"directions": ("direction", "channel")},
+        attrs=attrs,
+        key=basis_key(basis),
+    )
+    return basis.concept_layer
+
+
+def load_basis(store: Store, concept_layer: str) -> ConceptBasis:
+    """The basis of a concept layer (``features.12@nmf16``) kept in the store."""
+    layer, name = split_concept_layer(concept_layer)
+    found = read_result(store.path, basis_result(layer, name or ""))
+    if name is None or found is None:
+        raise KeyError(
+            f"no basis {concept_layer!r} in the store at {store.path}; it holds "
+            f"{list_bases(store) or 'none'} (learn one with crp-toolkit discover)"
+        )
+    a = found.attrs
+    return ConceptBasis(
+        a["layer"], a["method"], a["source"], a["seed"], found["directions"], a["provenance"]
+    )
+
+
+def list_bases(store: Store) -> list[str]:
+    """The concept layers of every basis kept in the store."""
+    return [
+        name.split("/", 1)[1].replace("/", "@")
+        for name in list_results(store.path)
+        if name.startswith(f"{KIND}/")
+    ]
+
+
+def layer_concept(store: Store, name: str) -> tuple[str, Concept]:
+    """The model layer of a store layer and its concepts: channels, or a basis's directions
+    and residual."""
+    layer, basis = split_concept_layer(name)
+    if basis is None:
+        return layer, ChannelConcept()
+    return layer, load_basis(store, name).concept()
+
+
+# -- the pass ------------------------------------------------------------------------------
+def analyze_basis(
+    study: Study, basis: ConceptBasis, *, batch_size: int = 64, progress: bool = True
+) -> str:
+    """Make ``basis`` a concept layer of the study's store (see the module docstring): kept
+    in the store, then analysed chunk by chunk (resumable). Returns the concept layer's name.
+    An unfinished store (its dataset pass not done) is refused before anything is written."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not study.store.complete:
+        raise RuntimeError(
+            f"the store at {study.store.path} is unfinished: run its dataset pass to the end "
+            "(crp-toolkit analyze with the same store.path) before adding a basis"
+        )
+    name = save_basis(study.store, basis)
+    root = zarr.open_group(study.store.path, mode="r+")
+    layout = study.store.layout
+    spatial = tuple(layout.layers[basis.layer][1:])
+    group = _concept_group(root, name, basis.k + 1, layout.n_samples, layout.chunk, layout.n_chunks)
+    concept = basis.concept()
+    done = group["done"]
+    todo = [c for c in range(layout.n_chunks) if not done[c]]
+    device = next(study.analyzer.model.parameters()).device
+    bar = tqdm(
+        total=sum(len(layout.rows(c)) for c in todo),
+        desc=f"analyze {name}",
+        unit="img",
+        disable=not progress,
+    )
+    with bar:
+        for c in todo:
+            rows = layout.rows(c)
+            arrays = {s: np.zeros((len(rows), basis.k + 1), _DTYPES[s]) for s in STATS}
+            arrays["normaliser"] = np.zeros(len(rows), np.float32)
+            valid = study.store.samples("valid")[rows.start : rows.stop]
+            ids = np.arange(rows.start, rows.stop)[valid]
+            for s in range(0, len(ids), batch_size):
+                part = ids[s : s + batch_size]
+                stats = basis_statistics(study, concept, basis.layer, part, device)
+                for key, values in stats.items():
+                    arrays[key][part - rows.start] = values
+            for key, values in arrays.items():
+                group[key].with_config(WRITE_ALL)[rows.start : rows.stop] = values
+            done[c] = True
+            bar.update(len(rows))
+    attrs = dict(root.attrs.get("concept_layers", {}))
+    attrs[name] = [basis.k + 1, *spatial]
+    root.attrs["concept_layers"] = attrs
+    return name
+
+
+_DTYPES = {s: np.int32 if s == "act_argmax" else np.float32 for s in STATS}
+
+
+def basis_statistics(
+    study: Study, concept: BasisConcept, layer: str, samples: np.ndarray, device
+) -> dict[str, np.ndarray]:
+    """The store's per-sample statistics of a basis's concepts for ``samples``: what
+    ``layer_statistics`` gives for channels, here of the K directions and the residual."""
+    x = study.images(samples).to(device)
+    target = torch.as_tensor(study.classes(samples), device=device)
+    activation, relevance = layer_values(study.analyzer, x, target, layer)
+    rel_maps, act_maps = concept.maps(relevance, activation)
+    return layer_statistics(rel_maps, act_maps, maps=False)
+
+
+def _concept_group(root: zarr.Group, name: str, concepts: int, n: int, chunk: int, chunks: int):
+    """The concept layer's group, made on first use: the statistics arrays (chunks aligned
+    with the store's units), coordinates and a done flag per unit."""
+    path = f"layers/{name}"
+    if path in root:
+        return root[path]
+    group = root.create_group(path)
+
+    def array(key, shape, chunks_, dtype, dims):
+        return group.create_array(
+            key,
+            shape=shape,
+            chunks=chunks_,
+            dtype=dtype,
+            dimension_names=dims,
+            compressors=COMPRESSOR,
+            config=WRITE_ALL,
+        )
+
+    for stat in STATS:
+        array(stat, (n, concepts), (chunk, concepts), _DTYPES[stat], ["sample", "concept"])
+    array("normaliser", (n,), (chunk,), "float32", ["sample"])
+    array("sample", (n,), (chunk,), "int64", ["sample"])[:] = np.arange(n)
+    array("concept", (concepts,), (concepts,), "int64", ["concept"])[:] = np.arange(concepts)
+    array("done", (chunks,), (1,), "bool", ["chunk"])
+    return group

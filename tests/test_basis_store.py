@@ -1,0 +1,255 @@
+"""Learned bases on a real concept-world store: completeness of the directions plus residual on
+the whole model, the basis kept in the store with its provenance, the concept-layer pass beside
+the channels, mining on it, and bad input refused before any work with nothing lost."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import crp_toolkit as ct
+from crp_toolkit.concepts.basis import ConceptBasis
+from crp_toolkit.concepts.conditional import CondAttribution
+from crp_toolkit.data.training import load_world_model
+from crp_toolkit.data.world import CONCEPTS, ConceptWorld
+from crp_toolkit.mining.labels import Overlap, concept_labels
+from crp_toolkit.mining.localise import localise_references
+from crp_toolkit.mining.recovery import (
+    match,
+    polysemanticity,
+    recovery,
+    recovery_markdown,
+    runner_up,
+)
+from crp_toolkit.mining.references import reference_samples
+from crp_toolkit.mining.statistics import class_statistics
+from crp_toolkit.store.analysis import analyze_dataset
+from crp_toolkit.store.bases import (
+    SamplingOptions,
+    analyze_basis,
+    discover_basis,
+    list_bases,
+    load_basis,
+    save_basis,
+)
+from crp_toolkit.store.results import list_results
+from crp_toolkit.store.study import Study
+from crp_toolkit.store.zarr_store import StoreMismatchError, StoreOptions
+
+LAYER = "features.12"
+DESCRIPTION = "world-60"
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    return ct.LRP(ct.canonize(load_world_model()), ct.composites.EpsilonPlusFlat())
+
+
+@pytest.fixture(scope="module")
+def study(analyzer, tmp_path_factory):
+    world = ConceptWorld(60, seed=1)
+    path = tmp_path_factory.mktemp("bases") / "s.zarr"
+    options = StoreOptions(chunk=25, table_size=8, class_table_size=4)
+    analyze_dataset(
+        analyzer,
+        world,
+        [LAYER],
+        path,
+        dataset_description=DESCRIPTION,
+        options=options,
+        progress=False,
+    )
+    return Study(ct.store.open(path), analyzer, world, DESCRIPTION)
+
+
+@pytest.fixture(scope="module")
+def basis(study):
+    sampling = SamplingOptions(positions=8, batch_size=16)
+    return discover_basis(study, LAYER, "nmf", 6, sampling=sampling, progress=False)
+
+
+@pytest.fixture(scope="module")
+def concept_layer(study, basis):
+    return analyze_basis(study, basis, batch_size=16, progress=False)
+
+
+def test_directions_and_residual_add_up_to_the_unconditional_relevance(analyzer, basis):
+    """On the whole model: the K + 1 conditional input heatmaps of a basis that does not span
+    the layer (6 of 64 channels) sum to the unconditional heatmap, for every sample."""
+    x = torch.stack([ConceptWorld(60, seed=1)[i][0] for i in range(3)])
+    concept = basis.concept()
+    assert concept.count(torch.zeros(1, 64)) == 7
+    expl = ct.analyze(x, analyzer)
+    attribution = CondAttribution(analyzer, {LAYER: concept})
+    for b in range(3):
+        conditions = [{"y": int(expl.target[b]), LAYER: [k]} for k in range(7)]
+        parts = attribution(x[b : b + 1], conditions).relevance  # (7, *input)
+        torch.testing.assert_close(parts.sum(0), expl.relevance[b], rtol=1e-4, atol=1e-6)
+        share = parts[6].abs().sum() / expl.relevance[b].abs().sum()
+        assert share > 1e-3  # the residual holds a real share
+
+
+def test_a_seed_fixes_the_learned_basis(study, basis):
+    again = discover_basis(
+        study,
+        LAYER,
+        "nmf",
+        6,
+        sampling=SamplingOptions(positions=8, batch_size=16),
+        progress=False,
+    )
+    np.testing.assert_array_equal(again.directions, basis.directions)
+    assert basis.provenance["model"] == study.key["model"]
+    assert basis.provenance["positions_seen"] == 60 * 8
+
+
+def test_every_method_learns_from_the_real_model_and_is_seeded(study):
+    """Each method through the real sampler (activations, and relevance-weighted ones)."""
+    sampling = SamplingOptions(positions=4, batch_size=32, images=30)
+    for method in ("pca", "dictionary", "kmeans", "sae"):
+        for source in ("activation", "relevance"):
+            found = discover_basis(
+                study, LAYER, method, 4, source=source, sampling=sampling, progress=False
+            )
+            assert found.directions.shape == (4, 64) and np.isfinite(found.directions).all()
+            assert found.name == f"{method}4" + ("" if source == "activation" else "-relevance")
+    again = discover_basis(study, LAYER, "sae", 4, source="relevance", sampling=sampling)
+    np.testing.assert_array_equal(again.directions, found.directions)
+
+
+def test_the_basis_is_kept_listed_and_read_back(study, basis, concept_layer):
+    assert concept_layer == f"{LAYER}@nmf6"
+    assert list_bases(study.store) == [concept_layer]
+    back = load_basis(study.store, concept_layer)
+    np.testing.assert_array_equal(back.directions, basis.directions)
+    assert (back.method, back.source, back.seed) == ("nmf", "activation", 0)
+
+
+def test_the_concept_layer_sits_beside_the_channels_and_adds_up(study, concept_layer):
+    store = ct.store.open(study.store.path)
+    assert store.layers == [LAYER, concept_layer]
+    channels = store.layer(LAYER)[:]
+    concepts = store.layer(concept_layer)[:]
+    assert concepts.shape == (60, 7)
+    np.testing.assert_allclose(concepts.sum(1), channels.sum(1), rtol=1e-4, atol=1e-6)
+    assert store.shape(concept_layer) == (7, 8, 8)
+
+
+def test_mining_and_localised_references_work_on_the_concept_layer(study, concept_layer):
+    store = ct.store.open(study.store.path)
+    stats = class_statistics(store, concept_layer, n_refs=4)
+    assert stats.relevance.shape == (6, 7)
+    table = reference_samples(store, concept_layer, n_refs=4)
+    refs = localise_references(Study(store, *_rest(study)), table, concepts=[0, 6])
+    assert refs.heatmaps.shape == (4, 2, 64, 64)
+    # a reference's heatmap is its concept's conditional heatmap, explaining the stored class
+    concept = load_basis(store, concept_layer).concept()
+    attribution = CondAttribution(study.analyzer, {LAYER: concept})
+    for j, c in enumerate([0, 6]):
+        sample = int(refs.samples[0, j])
+        x = study.dataset[sample][0][None]
+        condition = {"y": int(refs.classes[0, j]), LAYER: [c]}
+        heatmap = attribution(x, [condition]).heatmaps[0]
+        np.testing.assert_allclose(refs.heatmaps[0, j], heatmap.numpy(), rtol=1e-4, atol=1e-7)
+    # and the references are the samples where the concept is most relevant (normalised)
+    scores = store.layer(concept_layer)[:]
+    normalised = scores / np.abs(scores).sum(1, keepdims=True)
+    np.testing.assert_array_equal(table.samples[:, 0], np.argsort(-normalised[:, 0])[:4])
+
+
+def _rest(study):
+    return study.analyzer, study.dataset, study.description
+
+
+def test_a_basis_of_another_model_is_refused_and_nothing_is_lost(study, basis, concept_layer):
+    before = list_results(study.store.path)
+    foreign = ConceptBasis(
+        LAYER, "pca", "activation", 0, basis.directions, {**basis.provenance, "model": "0" * 16}
+    )
+    with pytest.raises(StoreMismatchError, match="learned for another model"):
+        save_basis(study.store, foreign)
+    with pytest.raises(StoreMismatchError, match="learned for another model"):
+        analyze_basis(study, foreign)
+    assert list_results(study.store.path) == before
+    assert ct.store.open(study.store.path).layers == [LAYER, concept_layer]
+
+
+@pytest.mark.parametrize(
+    ("method", "k", "sampling", "message"),
+    [
+        ("ica", 4, SamplingOptions(), "unknown basis method 'ica'"),
+        ("nmf", 65, SamplingOptions(), "K=65 directions for a layer of 64 channels"),
+        ("pca", 40, SamplingOptions(positions=1, images=20), "from 20 sampled positions"),
+    ],
+)
+def test_bad_discoveries_are_refused_before_any_sample_is_read(study, method, k, sampling, message):
+    class Unreadable(torch.utils.data.Dataset):
+        def __len__(self):
+            raise AssertionError("the dataset was read")
+
+    blind = _with_dataset(study, Unreadable())  # fails when the dataset is touched
+    with pytest.raises(ValueError, match=message):
+        discover_basis(blind, LAYER, method, k, sampling=sampling, progress=False)
+
+
+def test_labels_name_each_concept_by_its_best_mask_and_are_kept(study, concept_layer):
+    store = ct.store.open(study.store.path)
+    here = Study(store, *_rest(study))
+    labels = concept_labels(here, concept_layer, n_refs=4)
+    assert labels.names == list(CONCEPTS)
+    assert labels.scores.shape == (7, len(CONCEPTS))
+    np.testing.assert_array_equal(labels.label, labels.scores.argmax(1))
+    assert ((labels.score >= 0) & (labels.score <= 1)).all() and labels.score.max() > 0.1
+    assert f"labels/{concept_layer}" in list_results(store.path)
+    name, score = labels.of(2)
+    assert (name, score) == (CONCEPTS[labels.label[2]], float(labels.score[2]))
+    again = concept_labels(here, concept_layer, n_refs=4)
+    np.testing.assert_array_equal(again.scores, labels.scores)
+
+
+def test_recovery_matches_one_to_one_and_scores_what_it_matched(study, concept_layer):
+    store = ct.store.open(study.store.path)
+    here = Study(store, *_rest(study))
+    channels = recovery(here, LAYER, n_refs=4)
+    basis = recovery(here, concept_layer, n_refs=4, threshold=0.01, margin=0.0)
+    assert (channels.concepts, basis.concepts) == (64, 6)  # the residual is not a concept
+    assert len(set(basis.matched.values())) == len(basis.matched) == 6  # one-to-one
+    assert basis.recovered == len(basis.recovered_names) <= 6
+    assert len(channels.matched) == len(CONCEPTS)  # more concepts than ground truth: all
+    assert 0 <= basis.redundancy <= 1 and 1 <= basis.polysemanticity <= 4
+    strict = recovery(here, concept_layer, n_refs=4, threshold=1.0)
+    assert strict.recovered == 0 and strict.mass_accuracy == basis.mass_accuracy
+    table = recovery_markdown([channels, basis])
+    assert f"| {LAYER} | 64 |" in table and f"| {concept_layer} | 6 |" in table
+
+
+def test_matching_is_the_best_one_to_one_assignment():
+    accuracy = np.array([[0.9, 0.8, 0.0], [0.85, 0.1, 0.0]])
+    rows, cols = match(accuracy)
+    assert dict(zip(rows.tolist(), cols.tolist(), strict=True)) == {0: 1, 1: 0}
+    np.testing.assert_allclose(runner_up(accuracy, rows, cols), [0.9, 0.1])
+
+
+def test_polysemanticity_counts_the_names_a_concepts_references_mix():
+    best = np.array([[0, 2, -1], [0, 3, -1], [0, 2, 1]])  # (references, concepts)
+    found = Overlap(np.arange(3), ("a", "b", "c", "d"), np.zeros((3, 4)), np.zeros((3, 4)), best)
+    assert polysemanticity(found) == (1 + 2 + 1) / 3
+
+
+def test_a_probe_set_without_masks_is_refused_before_any_work(study):
+    plain = torch.utils.data.TensorDataset(torch.zeros(60, 3, 64, 64), torch.zeros(60).long())
+    blind = _with_dataset(study, plain)
+    with pytest.raises(ValueError, match="has no named masks"):
+        concept_labels(blind, LAYER)
+    with pytest.raises(ValueError, match="has no named masks"):
+        recovery(blind, LAYER)
+
+
+def _with_dataset(study: Study, dataset) -> Study:
+    """The study with another dataset, its fingerprint unchecked (to see what is refused)."""
+    other = Study.__new__(Study)
+    for name in ("store", "analyzer", "description", "provenance"):
+        object.__setattr__(other, name, getattr(study, name))
+    object.__setattr__(other, "dataset", dataset)
+    return other
