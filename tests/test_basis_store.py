@@ -13,7 +13,7 @@ from crp_toolkit.concepts.basis import ConceptBasis
 from crp_toolkit.concepts.conditional import CondAttribution
 from crp_toolkit.data.training import load_world_model
 from crp_toolkit.data.world import CONCEPTS, ConceptWorld
-from crp_toolkit.mining.labels import Overlap, concept_labels
+from crp_toolkit.mining.labels import Overlap, concept_labels, probe_labels
 from crp_toolkit.mining.localise import localise_references
 from crp_toolkit.mining.recovery import (
     match,
@@ -253,3 +253,20 @@ def _with_dataset(study: Study, dataset) -> Study:
         object.__setattr__(other, name, getattr(study, name))
     object.__setattr__(other, "dataset", dataset)
     return other
+
+
+def test_labels_from_another_probe_set_equal_those_of_its_own_store(study, analyzer):
+    """Labels read from a probe set directly (one CRP pass over it) equal the labels of a
+    study whose store was made from that probe set: the same RelMax references, heatmaps and
+    overlaps; a basis's directions get labels the same way."""
+    probe = study.dataset  # as a plain annotated dataset, without its store
+    direct = probe_labels(analyzer, LAYER, probe, concepts=range(6), n_refs=4, batch_size=25)
+    stored = concept_labels(study, LAYER, concepts=list(range(6)), n_refs=4, reuse=False)
+    np.testing.assert_array_equal(direct.label, stored.label)
+    np.testing.assert_allclose(direct.scores, stored.scores, rtol=1e-4, atol=1e-6)
+    other = ConceptWorld(30, seed=7)  # a probe set the store never saw
+    basis = discover_basis(study, LAYER, "nmf", 3, sampling=SamplingOptions(8, 16), progress=False)
+    labels = probe_labels(analyzer, LAYER, other, concept=basis.concept(), n_refs=3)
+    assert labels.scores.shape == (4, len(CONCEPTS))  # 3 directions and the residual
+    with pytest.raises(ValueError, match="has no named masks"):
+        probe_labels(analyzer, LAYER, torch.utils.data.TensorDataset(torch.zeros(2, 3, 64, 64)))

@@ -5,7 +5,7 @@ recovery of ground-truth concepts."""
 from crp_toolkit.engine.receptive_field import ReceptiveField, receptive_field
 from crp_toolkit.mining.ablation import AblationCurves, ablation_curves, read_ablation
 from crp_toolkit.mining.discovery import DiscoveryScores, score_discovery
-from crp_toolkit.mining.labels import ConceptLabels, concept_labels
+from crp_toolkit.mining.labels import ConceptLabels, concept_labels, probe_labels
 from crp_toolkit.mining.localise import LocalisedReferences, localise_references
 from crp_toolkit.mining.prototypes import Prototypes, fit_prototypes
 from crp_toolkit.mining.recovery import Recovery, recovery, recovery_markdown
@@ -41,6 +41,7 @@ __all__ = [
     "class_references",
     "class_statistics",
     "concept_labels",
+    "probe_labels",
     "concept_similarity",
     "fit_prototypes",
     "load_result",

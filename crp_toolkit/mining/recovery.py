@@ -31,7 +31,7 @@ import numpy as np
 from crp_toolkit.concepts.basis import split_concept_layer
 from crp_toolkit.mining.labels import RELMAX, Overlap, check_probe_set, overlap
 from crp_toolkit.mining.localise import localise_references
-from crp_toolkit.mining.references import read_chunks, reference_samples
+from crp_toolkit.mining.references import read_chunks, references_by
 from crp_toolkit.store.study import Study
 from crp_toolkit.store.tables import Spec
 
@@ -113,14 +113,7 @@ def recovery(
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     n = study.store.shape(layer)[0]
     concepts = np.arange(n - 1 if split_concept_layer(layer)[1] else n)  # no residual
-    table = reference_samples(
-        study.store,
-        layer,
-        mode=spec.mode,
-        pool=spec.pool,
-        normalised=spec.normalised,
-        n_refs=n_refs,
-    )
+    table = references_by(study.store, layer, spec, n_refs)
     refs = localise_references(study, table, concepts=concepts.tolist(), progress=progress)
     found = overlap(study, refs)
     rows, cols = match(found.accuracy)

@@ -177,6 +177,13 @@ def reference_samples(
     return ReferenceTable(layer, mode, pool, normalised, samples[rows], values[rows])
 
 
+def references_by(store: Store, layer: str, spec: Spec, n_refs: int) -> ReferenceTable:
+    """``reference_samples`` of ``layer`` scored by ``spec``."""
+    return reference_samples(
+        store, layer, mode=spec.mode, pool=spec.pool, normalised=spec.normalised, n_refs=n_refs
+    )
+
+
 def class_references(
     store: Store,
     layer: str,
