@@ -23,6 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crp_toolkit.engine.ops import UnsupportedLayerError, current_ops
+from crp_toolkit.engine.window_attention import (
+    ExplicitWindowAttention,
+    is_window_attention,
+    shared_linear,
+)
 
 _HOW = (
     "write the attention with explicit ops in forward (matmul, softmax) or register an op "
@@ -95,16 +100,6 @@ class ExplicitAttention(nn.Module):
         return out, weights.mean(1) if average_attn_weights else weights
 
 
-def shared_linear(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
-    """An ``nn.Linear`` holding the given parameters themselves (no copy, no initialisation)."""
-    linear = nn.Linear(1, 1, bias=bias is not None, device="meta")
-    linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
-    linear.weight = weight
-    if bias is not None:
-        linear.bias = bias
-    return linear
-
-
 def _undecomposable(mha: nn.MultiheadAttention) -> str:
     """Why ``mha`` cannot be written out, or '' if it can."""
     if mha.bias_k is not None or mha.bias_v is not None:
@@ -128,11 +123,8 @@ def explicit_attention(model: nn.Module) -> nn.Module:
     for path, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention) and registry.for_module(module) is None:
             replacements[path] = _checked(module, path)
-        elif type(module).__module__ == "torchvision.models.swin_transformer":
-            from crp_toolkit.engine import window_attention  # imports torchvision's Swin
-
-            if window_attention.is_window_attention(module):
-                replacements[path] = _checked_windows(module, path)
+        elif is_window_attention(module):
+            replacements[path] = _checked_windows(module, path)
         elif getattr(module, "fused_attn", None) is False:
             replacements[path] = copy.copy(module)
             replacements[path].fused_attn = True
@@ -163,8 +155,6 @@ def _checked(mha: nn.MultiheadAttention, path: str) -> ExplicitAttention:
 def _checked_windows(attention: nn.Module, path: str) -> nn.Module:
     """Swin's window attention written out, refused loudly unless it computes the module's
     function on random maps with and without padding."""
-    from crp_toolkit.engine.window_attention import ExplicitWindowAttention
-
     explicit = ExplicitWindowAttention(attention)
     reference = copy.deepcopy(attention).eval() if attention.training else attention
     p, (wh, ww) = attention.proj.weight, attention.window_size

@@ -18,10 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crp_toolkit.engine.attention import shared_linear
 from crp_toolkit.engine.ops import shape_function
 
-__all__ = ["ExplicitWindowAttention", "is_window_attention"]
+__all__ = ["ExplicitWindowAttention", "is_window_attention", "shared_linear"]
+
+
+def shared_linear(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
+    """An ``nn.Linear`` holding the given parameters themselves (no copy, no initialisation)."""
+    linear = nn.Linear(1, 1, bias=bias is not None, device="meta")
+    linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
+    linear.weight = weight
+    if bias is not None:
+        linear.bias = bias
+    return linear
 
 
 def is_window_attention(module: nn.Module) -> bool:
