@@ -1,3 +1,4 @@
 from crp_toolkit.app.cli import main
 
-main()
+if __name__ == "__main__":  # importing the module runs nothing
+    main()

@@ -125,13 +125,7 @@ def layer_pages(
         stats.relevance[:, shown], names, [str(c) for c in shown], title=layer, style=style
     )
     importance = save_figure(fig, f"{stem}_classes", style)[0]
-    curves = read_ablation(study, layer, seed)
-    if curves is not None:
-        lines = [
-            AblationCurve(o, curves.removed, curves.mean[i]) for i, o in enumerate(curves.orderings)
-        ]
-        fig = ablation_figure(lines, ylabel="explained logit (relative)", title=layer, style=style)
-        save_figure(fig, f"{stem}_ablation", style)
+    ablation_page(study, layer, seed, stem, style)
     relevance = dataset_relevance(stats)
     concepts = [
         concept_entry(
@@ -161,6 +155,18 @@ def layer_pages(
     ]
     prototypes = prototype_pages(mined, study, names, folder, style)
     return SiteContent("", concepts, classes, prototypes)
+
+
+def ablation_page(study: Study, layer: str, seed: int, stem: str, style: FigureStyle) -> None:
+    """The layer's ablation curves as a figure, when the mine stage kept them."""
+    curves = read_ablation(study, layer, seed)
+    if curves is None:
+        return
+    lines = [
+        AblationCurve(o, curves.removed, curves.mean[i]) for i, o in enumerate(curves.orderings)
+    ]
+    fig = ablation_figure(lines, ylabel="explained logit (relative)", title=layer, style=style)
+    save_figure(fig, f"{stem}_ablation", style)
 
 
 def concept_entry(

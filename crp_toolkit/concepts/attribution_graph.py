@@ -84,9 +84,7 @@ def attribution_graph(
         )
     graph = analyzer.graph
     axes = feature_axes(analyzer, x.shape[1:])
-    if layers is None:
-        layers = [la.name for la in graph.layers if la.op.parametric and axes[la.index] is not None]
-    candidates = {graph.index(n) for n in layers} | {graph.index(layer)}
+    candidates = _concept_layers(graph, axes, layers) | {graph.index(layer)}
 
     def channels(index: int) -> Concept:
         return concept_on(ChannelConcept(), axes[index], graph.layers[index].name)
@@ -109,14 +107,13 @@ def attribution_graph(
             _, recorded = propagate_conditioned(analyzer, fp, init, masks, record=[index, *feeders])
             for s, parent in enumerate(parents):
                 score = channels(index).relevance(recorded[index][s], fp.value(index))[0]
-                result.relevance[parent] = float(score[parent.concept])
+                total = result.relevance[parent] = float(score[parent.concept])
                 for feeder in feeders:
                     child_scores = channels(feeder).relevance(
                         recorded[feeder][s], fp.value(feeder)
                     )[0]
                     for c in child_scores.topk(min(width, len(child_scores))).indices.tolist():
                         child = ConceptNode(graph.layers[feeder].name, c)
-                        total = result.relevance[parent]
                         fraction = float(child_scores[c]) / total if total else 0.0
                         result.edges.append((parent, child, fraction))
                         if child not in result.relevance and child not in next_frontier:
@@ -126,6 +123,13 @@ def attribution_graph(
         index = graph.index(node.layer)
         result.relevance.setdefault(node, _marginal(analyzer, fp, init, node, channels(index)))
     return result
+
+
+def _concept_layers(graph: Graph, axes: dict, layers: Sequence[str] | None) -> set[int]:
+    """The indices of ``layers``, by default every conv and dense layer with a feature axis."""
+    if layers is None:
+        return {la.index for la in graph.layers if la.op.parametric and axes[la.index] is not None}
+    return {graph.index(n) for n in layers}
 
 
 def _marginal(analyzer: LRP, fp, init, node: ConceptNode, channels: Concept) -> float:
