@@ -34,9 +34,10 @@ from crp_toolkit.concepts.basis import (
     ConceptBasis,
     split_concept_layer,
 )
-from crp_toolkit.concepts.concepts import ChannelConcept, Concept
+from crp_toolkit.concepts.concepts import ChannelConcept, Concept, feature_first
 from crp_toolkit.concepts.learning import LearnerOptions, check_method, learn_directions
 from crp_toolkit.data.loading import grouped
+from crp_toolkit.engine.layout import feature_axes, layouts
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.store.analysis import layer_statistics
 from crp_toolkit.store.integrity import COMPRESSOR, WRITE_ALL
@@ -76,16 +77,18 @@ def identity(study_key: dict) -> dict:
 def layer_values(
     analyzer: LRP, x: Tensor, target: Tensor | None, layer: str
 ) -> tuple[Tensor, Tensor | None]:
-    """The activation (B, C, ...) of ``layer`` and, given ``target``, the relevance arriving
-    there while explaining it (one forward; the backward stops at the layer)."""
+    """The activation of ``layer``, features first (B, C, ...; a token layer's (B, C, tokens),
+    every token), and, given ``target``, the relevance arriving there while explaining it, in
+    the same layout (one forward; the backward stops at the layer)."""
     index = analyzer.graph.index(layer)
+    axis = feature_axes(analyzer, x.shape[1:])[index]
     fp = analyzer.forward(x, keep=[index], above=index)
-    activation = fp.value(index)
+    activation = feature_first(fp.value(index), axis, layer)
     if target is None:
         return activation, None
     init = {analyzer.graph.output_layer: analyzer.output_relevance(fp.output, target)[None]}
     pending, _ = analyzer.propagate(fp, init, stop=index)
-    return activation, pending[index][0]
+    return activation, feature_first(pending[index][0], axis, layer)
 
 
 def position_rows(
@@ -382,7 +385,11 @@ def basis_statistics(
     target = torch.as_tensor(study.classes(samples), device=device)
     activation, relevance = layer_values(study.analyzer, x, target, layer)
     rel_maps, act_maps = concept.maps(relevance, activation)
-    return layer_statistics(rel_maps, act_maps, maps=False)
+    scores = rel_maps.flatten(2).sum(2) if rel_maps.dim() > 2 else rel_maps  # every token
+    grid = layouts(study.analyzer, x.shape[1:]).grids[study.analyzer.graph.index(layer)]
+    if grid is not None:  # maxima and argmax over the patch grid, as for the layer's channels
+        rel_maps, act_maps = grid.patches(rel_maps), grid.patches(act_maps)
+    return layer_statistics(rel_maps, act_maps, maps=False, scores=scores)
 
 
 def _concept_group(root: zarr.Group, name: str, concepts: int, n: int, chunk: int, chunks: int):
