@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+from torchvision.models.vision_transformer import VisionTransformer
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue")
@@ -294,3 +295,21 @@ class ConceptWorldCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class ConceptWorldViT(VisionTransformer):
+    """A small vision transformer for the concept world: torchvision's ``VisionTransformer``
+    on 64x64 images in 8x8 patches (an 8x8 token grid plus the class token), 4 blocks of width
+    64 with 4 heads. The same architecture as torchvision's ViTs, so everything that explains
+    those explains this one; a block's output is ``encoder.layers.encoder_layer_<i>.add#2``."""
+
+    def __init__(self, classes: int = len(CLASSES), width: int = 64, depth: int = 4) -> None:
+        super().__init__(
+            image_size=64,
+            patch_size=8,
+            num_layers=depth,
+            num_heads=4,
+            hidden_dim=width,
+            mlp_dim=2 * width,
+            num_classes=classes,
+        )
