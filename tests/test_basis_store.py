@@ -1,12 +1,16 @@
 """Learned bases on a real concept-world store: completeness of the directions plus residual on
 the whole model, the basis kept in the store with its provenance, the concept-layer pass beside
-the channels, mining on it, and bad input refused before any work with nothing lost."""
+the channels, mining on it, damage to its files found by
+``verify`` and recomputed exactly, and bad input refused before any work with nothing lost."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import zarr
 
 import crp_toolkit as ct
 from crp_toolkit.concepts.basis import ConceptBasis
@@ -33,8 +37,10 @@ from crp_toolkit.store.bases import (
     load_basis,
     save_basis,
 )
+from crp_toolkit.store.integrity import StoreDamagedError
 from crp_toolkit.store.results import list_results
 from crp_toolkit.store.study import Study
+from crp_toolkit.store.verify import verify
 from crp_toolkit.store.zarr_store import StoreMismatchError, StoreOptions
 
 LAYER = "features.12"
@@ -270,3 +276,86 @@ def test_labels_from_another_probe_set_equal_those_of_its_own_store(study, analy
     assert labels.scores.shape == (4, len(CONCEPTS))  # 3 directions and the residual
     with pytest.raises(ValueError, match="has no named masks"):
         probe_labels(analyzer, LAYER, torch.utils.data.TensorDataset(torch.zeros(2, 3, 64, 64)))
+
+
+# -- integrity of concept layers and stored bases ---------------------------------------------
+@pytest.fixture
+def copied(study, concept_layer, tmp_path):
+    """A private copy of the store holding the basis's concept layer, as a study."""
+    path = tmp_path / "s.zarr"
+    shutil.copytree(study.store.path, path)
+    return Study(ct.store.open(path), *_rest(study))
+
+
+def concept_files(path, name: str) -> dict[str, bytes]:
+    """Every file of the concept layer ``name``, by path."""
+    folder = path / "layers" / name
+    return {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+
+
+def rediscover(study: Study) -> str:
+    """The discovery that made the basis, run again (as ``crp-toolkit discover`` does)."""
+    sampling = SamplingOptions(positions=8, batch_size=16)
+    again = discover_basis(study, LAYER, "nmf", 6, sampling=sampling, progress=False)
+    return analyze_basis(study, again, batch_size=16, progress=False)
+
+
+def test_a_sound_store_with_a_basis_verifies(copied, concept_layer):
+    found = verify(copied.store.path)
+    assert found.ok and found.concept_layers == {} and found.bases == {}
+
+
+def test_a_deleted_concept_layer_chunk_is_named_and_recomputed_exactly(
+    copied, concept_layer, caplog
+):
+    path = copied.store.path
+    before = concept_files(path, concept_layer)
+    (path / "layers" / concept_layer / "relevance/c/1/0").unlink()
+    found = verify(path)
+    assert not found.ok and not found.damaged  # the channels are sound
+    missing = f"layers/{concept_layer}/relevance/c/1/0: missing"
+    assert found.concept_layers == {concept_layer: {1: [missing]}}
+    summary = found.summary()
+    assert f"concept layer {concept_layer}, unit 1: {missing}" in summary
+    assert f"crp-toolkit discover store.path={path} discover.layer={LAYER}" in summary
+    assert "discover.methods=[nmf] discover.n_concepts=6" in summary
+    assert "discover.positions=8" in summary and "loader.batch_size=16" in summary
+    untouched = (path / "layers" / concept_layer / "relevance/c/0/0").stat().st_mtime_ns
+    with caplog.at_level("WARNING"):
+        rediscover(copied)
+    recomputed = [r.message for r in caplog.records if "is recomputed" in r.message]
+    assert len(recomputed) == 1 and recomputed[0].startswith(f"unit 1 of {concept_layer}")
+    assert (path / "layers" / concept_layer / "relevance/c/0/0").stat().st_mtime_ns == untouched
+    assert concept_files(path, concept_layer) == before
+    assert verify(path).ok
+
+
+def test_rewritten_concept_layer_contents_are_found_by_the_digest(copied, concept_layer):
+    path = copied.store.path
+    zarr.open_group(path, mode="r+")[f"layers/{concept_layer}/act_mean"][25:50] = 3.0
+    found = verify(path)
+    assert found.concept_layers == {
+        concept_layer: {1: ["its contents differ from what was written (digest mismatch)"]}
+    }
+
+
+def test_a_damaged_stored_basis_is_named_and_learned_again(copied, basis, concept_layer):
+    path = copied.store.path
+    layer_files = concept_files(path, concept_layer)
+    file = path / "derived/bases" / LAYER / "nmf6/directions/c/0/0"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+    with pytest.raises(StoreDamagedError, match="derived/bases/features.12/nmf6/directions"):
+        load_basis(ct.store.open(path), concept_layer)
+    found = verify(path)
+    assert not found.ok and found.derived == [] and list(found.bases) == [concept_layer]
+    assert "derived/bases/features.12/nmf6/directions/c/0/0" in found.bases[concept_layer][0]
+    summary = found.summary()
+    assert f"basis of {concept_layer} damaged" in summary and "crp-toolkit mine" not in summary
+    assert "discover.methods=[nmf]" in summary
+    rediscover(copied)
+    back = load_basis(ct.store.open(path), concept_layer)
+    np.testing.assert_array_equal(back.directions, basis.directions)
+    assert concept_files(path, concept_layer) == layer_files  # the same basis: rows kept
+    assert verify(path).ok

@@ -1,12 +1,16 @@
 """`crp-toolkit run` with a basis configured, through the command line (real Hydra runs): it
 discovers, analyses, mines, draws and evaluates the basis beside the channels; bad discover
-settings are refused before any work, and a second discover keeps what the store holds."""
+settings are refused before any work, a second discover keeps what the store holds, and
+`verify` names a damaged concept layer and the discover call that recomputes it."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
+import numpy as np
 import pytest
+import zarr
 from conftest import cli
 
 import crp_toolkit as ct
@@ -98,3 +102,25 @@ def test_discover_without_a_method_says_what_to_give(run_dir, tmp_path):
     run = cli("discover", f"hydra.run.dir={tmp_path}", f"store.path={store}", "discover.methods=[]")
     assert run.returncode != 0
     assert "give discover.methods, e.g. discover.methods=[nmf,pca]" in run.stderr
+
+
+def test_verify_names_a_damaged_basis_layer_and_its_discover_call_recomputes_it(run_dir, tmp_path):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(run_dir / "store.zarr", store)
+    (store / "layers" / BASIS / "act_max/c/1/0").unlink()
+    found = cli("verify", f"store.path={store}", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert found.returncode != 0
+    assert f"concept layer {BASIS}, unit 1: layers/{BASIS}/act_max/c/1/0: missing" in found.stdout
+    report = json.loads((tmp_path / "bad/verify.json").read_text())
+    assert not report["ok"] and list(report["concept_layers"][BASIS]) == ["1"]
+    advice = next(line for line in found.stdout.splitlines() if "crp-toolkit discover" in line)
+    overrides = advice.split("`")[1].split()[2:]  # the call verify names, as given
+    assert f"store.path={store}" in overrides and "discover.methods=[pca]" in overrides
+    data = [o for o in TINY if not o.startswith("discover.")]  # the store's model and data
+    rerun = cli("discover", f"hydra.run.dir={tmp_path / 'again'}", *data, *overrides)
+    assert rerun.returncode == 0, rerun.stderr
+    sound = cli("verify", f"store.path={store}", f"hydra.run.dir={tmp_path / 'ok'}")
+    assert sound.returncode == 0, sound.stdout
+    original = zarr.open_group(run_dir / "store.zarr", mode="r")[f"layers/{BASIS}/act_max"][:]
+    repaired = zarr.open_group(store, mode="r")[f"layers/{BASIS}/act_max"][:]
+    np.testing.assert_array_equal(repaired, original)
