@@ -1,6 +1,6 @@
 """Learned bases on a real concept-world store: completeness of the directions plus residual on
 the whole model, the basis kept in the store with its provenance, the concept-layer pass beside
-the channels, mining on it, damage to its files found by
+the channels, mining, ablation and attribution graphs on it, damage to its files found by
 ``verify`` and recomputed exactly, and bad input refused before any work with nothing lost."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from crp_toolkit.concepts.basis import ConceptBasis
 from crp_toolkit.concepts.conditional import CondAttribution
 from crp_toolkit.data.training import load_world_model
 from crp_toolkit.data.world import CONCEPTS, ConceptWorld
+from crp_toolkit.mining.ablation import ablation_curves
 from crp_toolkit.mining.labels import Overlap, concept_labels, probe_labels
 from crp_toolkit.mining.localise import localise_references
 from crp_toolkit.mining.recovery import (
@@ -359,3 +360,109 @@ def test_a_damaged_stored_basis_is_named_and_learned_again(copied, basis, concep
     np.testing.assert_array_equal(back.directions, basis.directions)
     assert concept_files(path, concept_layer) == layer_files  # the same basis: rows kept
     assert verify(path).ok
+
+
+# -- ablation and attribution graphs on a basis -----------------------------------------------
+def removed_components(model, basis: torch.Tensor, keep: torch.Tensor, x, classes):
+    """The explained logits with the components of the basis concepts where ``keep`` (n, K + 1)
+    is 0 removed from ``LAYER``'s output by a forward hook: coefficients by least squares
+    (``torch.linalg.lstsq``, not the concept's pseudo-inverse), the residual last."""
+    k = basis.shape[0]
+
+    def hook(module, inputs, out):
+        a = out.movedim(1, -1)  # (n, h, w, C)
+        lhs = basis.T.expand(*a.shape[:-1], *basis.T.shape)
+        c = torch.linalg.lstsq(lhs, a[..., None]).solution[..., 0]  # (n, h, w, K)
+        parts = c[..., None] * basis  # (n, h, w, K, C)
+        residual = a - parts.sum(-2)
+        kept = (keep[:, None, None, :k, None] * parts).sum(-2) + keep[:, None, None, k:] * residual
+        return kept.movedim(-1, 1)
+
+    handle = model.get_submodule(LAYER).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return model(x).gather(1, classes[:, None])[:, 0].numpy()
+    finally:
+        handle.remove()
+
+
+def test_ablating_basis_concepts_removes_their_components(study, concept_layer):
+    store = ct.store.open(study.store.path)
+    here = Study(store, *_rest(study))
+    found = ablation_curves(here, concept_layer, samples=6, write=False)
+    assert found.orders.shape == (3, 6, 7) and list(found.removed) == list(range(8))
+    x = torch.stack([study.dataset[int(s)][0] for s in found.samples])
+    classes = torch.from_numpy(found.classes)
+    basis = load_basis(store, concept_layer).concept().basis
+    model, n = study.analyzer.model, len(x)
+    unablated = removed_components(model, basis, torch.ones(n, 7), x, classes)
+    with torch.no_grad():
+        np.testing.assert_allclose(unablated, model(x).gather(1, classes[:, None])[:, 0], 1e-5)
+        layer = model.get_submodule(LAYER)
+        handle = layer.register_forward_hook(lambda m, i, out: torch.zeros_like(out))
+        zeroed = model(x).gather(1, classes[:, None])[:, 0].numpy()  # all K + 1 removed: 0
+        handle.remove()
+    for o in range(3):
+        np.testing.assert_allclose(found.logits[o, 0], unablated, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(found.logits[o, -1], zeroed, rtol=1e-4, atol=1e-4)
+        keep = torch.ones(n, 7)
+        keep[torch.arange(n)[:, None], torch.from_numpy(found.orders[o, :, :3])] = 0
+        middle = removed_components(model, basis, keep, x, classes)
+        np.testing.assert_allclose(found.logits[o, 3], middle, rtol=1e-4, atol=1e-4)
+    for o, stat in ((0, "relevance"), (1, "act_mean")):  # orders follow the store's scores
+        scores = store.layer(concept_layer, stat)[:][found.samples]
+        ranked = np.take_along_axis(scores, found.orders[o], 1)
+        assert (np.diff(ranked, axis=1) <= 1e-4 * np.abs(scores).max()).all()
+
+
+def test_the_attribution_graph_decomposes_a_basis_concept(study, concept_layer):
+    store = ct.store.open(study.store.path)
+    concept = load_basis(store, concept_layer).concept()
+    sample, direction = 0, 2
+    x, y = study.dataset[sample][0][None], int(store.samples("label")[sample])
+    graph = ct.attribution_graph(
+        study.analyzer, x, concept_layer, direction, target=y, concepts={concept_layer: concept}
+    )
+    assert graph.root == ct.ConceptNode(concept_layer, direction)
+    stored = float(store.layer(concept_layer)[sample, direction])  # the pass's own score
+    assert graph.relevance[graph.root] == pytest.approx(stored, rel=1e-4, abs=1e-7)
+    children = graph.children(graph.root)
+    assert {child.layer for child, _ in children} == {"features.8"}  # channels feed it
+    recorded = CondAttribution(study.analyzer, {LAYER: concept})(
+        x, [{"y": y, LAYER: [direction]}], record=["features.8"]
+    ).relevances["features.8"][0]
+    for child, fraction in children:
+        expected = float(recorded[child.concept].sum()) / graph.relevance[graph.root]
+        assert fraction == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_basis_layer_below_the_root_holds_every_concept_and_all_its_relevance(
+    study, concept_layer
+):
+    """The classifier's class unit decomposed into the basis's K + 1 concepts (full width):
+    together they carry the relevance arriving at the layer, the residual included."""
+    store = ct.store.open(study.store.path)
+    concept = load_basis(store, concept_layer).concept()
+    x, y = study.dataset[1][0][None], int(store.samples("label")[1])
+    graph = ct.attribution_graph(
+        study.analyzer,
+        x,
+        "classifier",
+        y,
+        target=y,
+        widths=(7,),
+        layers=["classifier"],
+        concepts={concept_layer: concept},
+    )
+    children = graph.children(graph.root)
+    assert sorted(c.concept for c, _ in children) == list(range(7))
+    assert {c.layer for c, _ in children} == {concept_layer}
+    arriving = study.analyzer(x, torch.tensor([y]), record=[LAYER]).relevances[LAYER].sum()
+    carried = sum(f for _, f in children) * graph.relevance[graph.root]
+    assert carried == pytest.approx(float(arriving), rel=1e-4)
+    with pytest.raises(ValueError, match="give its concepts as concepts="):
+        ct.attribution_graph(study.analyzer, x, concept_layer, 0)
+    with pytest.raises(ValueError, match="several concept sets for one layer"):
+        ct.attribution_graph(
+            study.analyzer, x, LAYER, 0, concepts={LAYER: concept, concept_layer: concept}
+        )

@@ -1,7 +1,8 @@
 """`crp-toolkit run` with a basis configured, through the command line (real Hydra runs): it
-discovers, analyses, mines, draws and evaluates the basis beside the channels; bad discover
-settings are refused before any work, a second discover keeps what the store holds, and
-`verify` names a damaged concept layer and the discover call that recomputes it."""
+discovers, analyses, mines (ablation included), draws and evaluates the basis beside the
+channels; bad discover settings are refused before any work, a second discover keeps what the
+store holds, and `verify` names a damaged concept layer and the discover call that recomputes
+it."""
 
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ def test_run_discovers_the_basis_and_every_stage_reads_it(run_dir):
     index = (run_dir / "atlas" / "index.html").read_text()
     assert BASIS in index and "<th>label</th>" in index
     assert list(run_dir.glob("figures/features.12@pca4_*.png"))  # its concept sheets
+    mining = json.loads((run_dir / "mining.json").read_text())
+    assert set(mining[BASIS]["ablation_area"]) == {"relevance", "activation", "random"}
+    assert (run_dir / "figures" / f"{BASIS}_ablation.png").exists()
     # the inputs' concept atlases with the basis's concepts, beside the channels' ones
     assert (run_dir / "figures" / "concept_atlas_0_pca4.png").exists()
     assert (run_dir / "figures" / "concept_atlas_0.png").exists()

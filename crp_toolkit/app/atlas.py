@@ -190,10 +190,10 @@ def concept_entry(
     ]
     best = int(mined.relmax.samples[0, j])
     x = gather(study.dataset, [best]).images
-    graph = None  # attribution graphs follow channels; a basis's concepts have none yet
-    if split_concept_layer(layer)[1] is None:
-        target = int(mined.relmax.classes[0, j])
-        graph = ct.attribution_graph(study.analyzer, x, layer, concept, target=target)
+    target, held = int(mined.relmax.classes[0, j]), layer_concept(study.store, layer)[1]
+    graph = ct.attribution_graph(
+        study.analyzer, x, layer, concept, target=target, concepts={layer: held}
+    )
     relmax, actmax = list(views[0].crops[:, j]), list(views[1].crops[:, j])
     text = f"{label[0]} ({label[1]:.2f})" if label else ""
     title = f"{layer}:{concept}" + (f" - {text}" if text else "")
