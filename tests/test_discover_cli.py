@@ -1,13 +1,14 @@
 """`crp-toolkit run` with a basis configured, through the command line (real Hydra runs): it
 discovers, analyses, mines (ablation included), draws and evaluates the basis beside the
 channels; bad discover settings are refused before any work, a second discover keeps what the
-store holds, and `verify` names a damaged concept layer and the discover call that recomputes
-it."""
+store holds, `verify` names a damaged concept layer and the discover call that recomputes it,
+and the atlas labels concepts from a separate annotated probe set (``atlas.probe``)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from html import escape
 
 import numpy as np
 import pytest
@@ -15,7 +16,10 @@ import zarr
 from conftest import cli
 
 import crp_toolkit as ct
-from crp_toolkit.store.bases import list_bases
+from crp_toolkit.data.training import load_world_model
+from crp_toolkit.data.world import ConceptWorld
+from crp_toolkit.mining.labels import probe_labels
+from crp_toolkit.store.bases import list_bases, load_basis
 from crp_toolkit.store.results import list_results
 
 TINY = (
@@ -128,3 +132,46 @@ def test_verify_names_a_damaged_basis_layer_and_its_discover_call_recomputes_it(
     original = zarr.open_group(run_dir / "store.zarr", mode="r")[f"layers/{BASIS}/act_max"][:]
     repaired = zarr.open_group(store, mode="r")[f"layers/{BASIS}/act_max"][:]
     np.testing.assert_array_equal(repaired, original)
+
+
+PROBE = ("dataset@atlas.probe=concept_world", "atlas.probe.n=24", "atlas.probe.seed=7")
+
+
+def test_the_atlas_labels_concepts_from_a_separate_probe_set(run_dir, tmp_path):
+    store = run_dir / "store.zarr"
+    run = cli("atlas", f"hydra.run.dir={tmp_path}", f"store.path={store}", *TINY, *PROBE)
+    assert run.returncode == 0, run.stderr
+    assert "probe labels features.12" in run.stderr  # the pass over the probe set
+    index = (tmp_path / "atlas" / "index.html").read_text()
+    analyzer = ct.LRP(ct.canonize(load_world_model()), ct.composites.EpsilonPlusFlat())
+    probe, mined = ConceptWorld(24, seed=7), json.loads((run_dir / "mining.json").read_text())
+    opened = ct.store.open(store)
+    for layer, concept in (("features.12", None), (BASIS, load_basis(opened, BASIS).concept())):
+        concepts = mined[layer]["concepts"]
+        expected = probe_labels(  # as the atlas calls it: loader.batch_size images a pass
+            analyzer,
+            "features.12",
+            probe,
+            concepts=concepts,
+            concept=concept,
+            n_refs=3,
+            batch_size=64,
+        )
+        for c in concepts:
+            name, score = expected.of(c)
+            assert f"<td>{escape(f'{name} ({score:.2f})')}</td>" in index, (layer, c)
+
+
+def test_a_probe_set_without_masks_is_refused_before_any_figure(run_dir, tmp_path):
+    plain = tmp_path / "plain.npz"
+    np.savez(plain, images=np.zeros((4, 64, 64, 3), np.uint8), labels=np.zeros(4, np.int64))
+    probe = ("dataset@atlas.probe=npz", f"atlas.probe.path={plain}")
+    out = tmp_path / "out"
+    store = run_dir / "store.zarr"
+    run = cli("atlas", f"hydra.run.dir={out}", f"store.path={store}", *TINY, *probe)
+    assert run.returncode != 0
+    assert "has no named masks" in run.stderr
+    assert not (out / "figures").exists()
+    whole = cli("run", f"hydra.run.dir={tmp_path / 'run'}", *TINY, *probe)  # before analyze
+    assert whole.returncode != 0 and "has no named masks" in whole.stderr
+    assert not (tmp_path / "run" / "store.zarr").exists()
