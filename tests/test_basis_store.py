@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from omegaconf import OmegaConf
 
 import crp_toolkit as ct
+from crp_toolkit.app.context import open_store
 from crp_toolkit.concepts.basis import ConceptBasis
 from crp_toolkit.concepts.conditional import CondAttribution
 from crp_toolkit.data.training import load_world_model
@@ -321,6 +323,10 @@ def test_a_deleted_concept_layer_chunk_is_named_and_recomputed_exactly(
     assert f"crp-toolkit discover store.path={path} discover.layer={LAYER}" in summary
     assert "discover.methods=[nmf] discover.n_concepts=6" in summary
     assert "discover.positions=8" in summary and "loader.batch_size=16" in summary
+    cfg = OmegaConf.create({"stage": "mine", "store": {"path": str(path)}})
+    with pytest.raises(RuntimeError, match=f"lost files of learned bases .{concept_layer}: "):
+        open_store(cfg, path.parent)  # what mine, atlas and evaluate read it with: no zeros
+    assert open_store(cfg, path.parent, bases=False).layers == [LAYER, concept_layer]
     untouched = (path / "layers" / concept_layer / "relevance/c/0/0").stat().st_mtime_ns
     with caplog.at_level("WARNING"):
         rediscover(copied)

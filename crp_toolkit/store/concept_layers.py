@@ -23,6 +23,7 @@ from crp_toolkit.store.integrity import (
     DIGEST_BYTES,
     WRITE_ALL,
     unit_digest,
+    unit_file,
     unit_problems,
 )
 from crp_toolkit.store.zarr_store import Layout
@@ -119,6 +120,16 @@ def unit_states(
         if problems:
             found[unit] = problems
     return found
+
+
+def missing_unit_files(root: zarr.Group, path: Path, name: str, layout: Layout) -> list[str]:
+    """The chunk files of the finished units of concept layer ``name`` that should exist and
+    do not (cheap: no file is read; a missing one would read as zeros)."""
+    group = root[f"layers/{name}"]
+    done = group["done"][:]
+    arrays = [group[key] for key in UNIT]
+    files = (unit_file(a, int(u)) for u in np.flatnonzero(done) for a in arrays)
+    return [f for f in files if not (path / f).exists()]
 
 
 def concept_layer_names(root: zarr.Group) -> list[str]:
