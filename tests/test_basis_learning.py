@@ -9,6 +9,7 @@ import pytest
 from crp_toolkit.concepts.learning import (
     METHODS,
     LearnerOptions,
+    StreamingPCA,
     blocks,
     learn_directions,
     oriented,
@@ -70,6 +71,50 @@ def test_pca_recovers_planted_principal_directions():
     planted = planted_directions()
     found, _ = learn_directions(gaussian_stream(planted), "pca", K, 0, C)
     np.testing.assert_allclose(np.abs(planted @ found.T).max(1), 1.0, atol=0.02)
+
+
+def correlated_rows(n: int) -> np.ndarray:
+    """Rows with distinct variances along mixed (non-axis) directions, and a mean 50 times
+    their typical spread (what would cancel away the variance in a naive sum of squares)."""
+    rng = np.random.default_rng(5)
+    mixing = np.linalg.qr(rng.standard_normal((C, C)))[0]
+    return (rng.standard_normal((n, C)) * np.linspace(4.0, 0.5, C)) @ mixing + 50.0
+
+
+def test_streaming_pca_equals_sklearn_pca_of_the_rows_in_memory():
+    from sklearn.decomposition import PCA
+
+    rows = correlated_rows(3000)
+    calls = []
+
+    def stream():
+        calls.append(1)
+        yield from np.array_split(rows, 7)  # uneven parts, regrouped into blocks of 500
+
+    found, seen = learn_directions(stream, "pca", K, 0, C, options=LearnerOptions(block=500))
+    assert seen == 3000 and len(calls) == 1  # one pass
+    expected = oriented(PCA(K, svd_solver="full").fit(rows).components_)  # same signs
+    np.testing.assert_allclose(found, expected, atol=1e-9)
+
+
+def test_streaming_pca_is_deterministic_and_independent_of_the_blocks():
+    rows = correlated_rows(2000)
+    runs = [
+        learn_directions(lambda: [rows], "pca", K, seed, C, options=LearnerOptions(block=block))[0]
+        for seed, block in [(0, 256), (1, 256), (0, 2000)]
+    ]
+    np.testing.assert_array_equal(runs[0], runs[1])  # same rows, same blocks: same bits
+    np.testing.assert_allclose(runs[0], runs[2], atol=1e-10)  # other blocks: same directions
+
+
+def test_streaming_pca_holds_a_channels_square_whatever_the_rows():
+    pca = StreamingPCA(K, C)
+    for part in np.array_split(correlated_rows(4000), 8):
+        pca.partial_fit(part)
+    assert pca.count == 4000
+    assert pca.gram.shape == (C, C) and pca.total.shape == (C,) and pca.shift.shape == (C,)
+    expected = np.cov(correlated_rows(4000).T, bias=True)
+    np.testing.assert_allclose(pca.covariance(), expected, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("method", METHODS)

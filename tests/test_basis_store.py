@@ -1,18 +1,25 @@
 """Learned bases on a real concept-world store: completeness of the directions plus residual on
 the whole model, the basis kept in the store with its provenance, the concept-layer pass beside
-the channels, mining on it, and bad input refused before any work with nothing lost."""
+the channels, mining, ablation and attribution graphs on it, damage to its files found by
+``verify`` and recomputed exactly, and bad input refused before any work with nothing lost."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import zarr
+from omegaconf import OmegaConf
 
 import crp_toolkit as ct
+from crp_toolkit.app.context import open_store
 from crp_toolkit.concepts.basis import ConceptBasis
 from crp_toolkit.concepts.conditional import CondAttribution
 from crp_toolkit.data.training import load_world_model
 from crp_toolkit.data.world import CONCEPTS, ConceptWorld
+from crp_toolkit.mining.ablation import ablation_curves
 from crp_toolkit.mining.labels import Overlap, concept_labels, probe_labels
 from crp_toolkit.mining.localise import localise_references
 from crp_toolkit.mining.recovery import (
@@ -33,8 +40,10 @@ from crp_toolkit.store.bases import (
     load_basis,
     save_basis,
 )
+from crp_toolkit.store.integrity import StoreDamagedError
 from crp_toolkit.store.results import list_results
 from crp_toolkit.store.study import Study
+from crp_toolkit.store.verify import verify
 from crp_toolkit.store.zarr_store import StoreMismatchError, StoreOptions
 
 LAYER = "features.12"
@@ -270,3 +279,196 @@ def test_labels_from_another_probe_set_equal_those_of_its_own_store(study, analy
     assert labels.scores.shape == (4, len(CONCEPTS))  # 3 directions and the residual
     with pytest.raises(ValueError, match="has no named masks"):
         probe_labels(analyzer, LAYER, torch.utils.data.TensorDataset(torch.zeros(2, 3, 64, 64)))
+
+
+# -- integrity of concept layers and stored bases ---------------------------------------------
+@pytest.fixture
+def copied(study, concept_layer, tmp_path):
+    """A private copy of the store holding the basis's concept layer, as a study."""
+    path = tmp_path / "s.zarr"
+    shutil.copytree(study.store.path, path)
+    return Study(ct.store.open(path), *_rest(study))
+
+
+def concept_files(path, name: str) -> dict[str, bytes]:
+    """Every file of the concept layer ``name``, by path."""
+    folder = path / "layers" / name
+    return {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+
+
+def rediscover(study: Study) -> str:
+    """The discovery that made the basis, run again (as ``crp-toolkit discover`` does)."""
+    sampling = SamplingOptions(positions=8, batch_size=16)
+    again = discover_basis(study, LAYER, "nmf", 6, sampling=sampling, progress=False)
+    return analyze_basis(study, again, batch_size=16, progress=False)
+
+
+def test_a_sound_store_with_a_basis_verifies(copied, concept_layer):
+    found = verify(copied.store.path)
+    assert found.ok and found.concept_layers == {} and found.bases == {}
+
+
+def test_a_deleted_concept_layer_chunk_is_named_and_recomputed_exactly(
+    copied, concept_layer, caplog
+):
+    path = copied.store.path
+    before = concept_files(path, concept_layer)
+    (path / "layers" / concept_layer / "relevance/c/1/0").unlink()
+    found = verify(path)
+    assert not found.ok and not found.damaged  # the channels are sound
+    missing = f"layers/{concept_layer}/relevance/c/1/0: missing"
+    assert found.concept_layers == {concept_layer: {1: [missing]}}
+    summary = found.summary()
+    assert f"concept layer {concept_layer}, unit 1: {missing}" in summary
+    assert f"crp-toolkit discover store.path={path} discover.layer={LAYER}" in summary
+    assert "discover.methods=[nmf] discover.n_concepts=6" in summary
+    assert "discover.positions=8" in summary and "loader.batch_size=16" in summary
+    cfg = OmegaConf.create({"stage": "mine", "store": {"path": str(path)}})
+    with pytest.raises(RuntimeError, match=f"lost files of learned bases .{concept_layer}: "):
+        open_store(cfg, path.parent)  # what mine, atlas and evaluate read it with: no zeros
+    assert open_store(cfg, path.parent, bases=False).layers == [LAYER, concept_layer]
+    untouched = (path / "layers" / concept_layer / "relevance/c/0/0").stat().st_mtime_ns
+    with caplog.at_level("WARNING"):
+        rediscover(copied)
+    recomputed = [r.message for r in caplog.records if "is recomputed" in r.message]
+    assert len(recomputed) == 1 and recomputed[0].startswith(f"unit 1 of {concept_layer}")
+    assert (path / "layers" / concept_layer / "relevance/c/0/0").stat().st_mtime_ns == untouched
+    assert concept_files(path, concept_layer) == before
+    assert verify(path).ok
+
+
+def test_rewritten_concept_layer_contents_are_found_by_the_digest(copied, concept_layer):
+    path = copied.store.path
+    zarr.open_group(path, mode="r+")[f"layers/{concept_layer}/act_mean"][25:50] = 3.0
+    found = verify(path)
+    assert found.concept_layers == {
+        concept_layer: {1: ["its contents differ from what was written (digest mismatch)"]}
+    }
+
+
+def test_a_damaged_stored_basis_is_named_and_learned_again(copied, basis, concept_layer):
+    path = copied.store.path
+    layer_files = concept_files(path, concept_layer)
+    file = path / "derived/bases" / LAYER / "nmf6/directions/c/0/0"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+    with pytest.raises(StoreDamagedError, match="derived/bases/features.12/nmf6/directions"):
+        load_basis(ct.store.open(path), concept_layer)
+    found = verify(path)
+    assert not found.ok and found.derived == [] and list(found.bases) == [concept_layer]
+    assert "derived/bases/features.12/nmf6/directions/c/0/0" in found.bases[concept_layer][0]
+    summary = found.summary()
+    assert f"basis of {concept_layer} damaged" in summary and "crp-toolkit mine" not in summary
+    assert "discover.methods=[nmf]" in summary
+    rediscover(copied)
+    back = load_basis(ct.store.open(path), concept_layer)
+    np.testing.assert_array_equal(back.directions, basis.directions)
+    assert concept_files(path, concept_layer) == layer_files  # the same basis: rows kept
+    assert verify(path).ok
+
+
+# -- ablation and attribution graphs on a basis -----------------------------------------------
+def removed_components(model, basis: torch.Tensor, keep: torch.Tensor, x, classes):
+    """The explained logits with the components of the basis concepts where ``keep`` (n, K + 1)
+    is 0 removed from ``LAYER``'s output by a forward hook: coefficients by least squares
+    (``torch.linalg.lstsq``, not the concept's pseudo-inverse), the residual last."""
+    k = basis.shape[0]
+
+    def hook(module, inputs, out):
+        a = out.movedim(1, -1)  # (n, h, w, C)
+        lhs = basis.T.expand(*a.shape[:-1], *basis.T.shape)
+        c = torch.linalg.lstsq(lhs, a[..., None]).solution[..., 0]  # (n, h, w, K)
+        parts = c[..., None] * basis  # (n, h, w, K, C)
+        residual = a - parts.sum(-2)
+        kept = (keep[:, None, None, :k, None] * parts).sum(-2) + keep[:, None, None, k:] * residual
+        return kept.movedim(-1, 1)
+
+    handle = model.get_submodule(LAYER).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return model(x).gather(1, classes[:, None])[:, 0].numpy()
+    finally:
+        handle.remove()
+
+
+def test_ablating_basis_concepts_removes_their_components(study, concept_layer):
+    store = ct.store.open(study.store.path)
+    here = Study(store, *_rest(study))
+    found = ablation_curves(here, concept_layer, samples=6, write=False)
+    assert found.orders.shape == (3, 6, 7) and list(found.removed) == list(range(8))
+    x = torch.stack([study.dataset[int(s)][0] for s in found.samples])
+    classes = torch.from_numpy(found.classes)
+    basis = load_basis(store, concept_layer).concept().basis
+    model, n = study.analyzer.model, len(x)
+    unablated = removed_components(model, basis, torch.ones(n, 7), x, classes)
+    with torch.no_grad():
+        np.testing.assert_allclose(unablated, model(x).gather(1, classes[:, None])[:, 0], 1e-5)
+        layer = model.get_submodule(LAYER)
+        handle = layer.register_forward_hook(lambda m, i, out: torch.zeros_like(out))
+        zeroed = model(x).gather(1, classes[:, None])[:, 0].numpy()  # all K + 1 removed: 0
+        handle.remove()
+    for o in range(3):
+        np.testing.assert_allclose(found.logits[o, 0], unablated, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(found.logits[o, -1], zeroed, rtol=1e-4, atol=1e-4)
+        keep = torch.ones(n, 7)
+        keep[torch.arange(n)[:, None], torch.from_numpy(found.orders[o, :, :3])] = 0
+        middle = removed_components(model, basis, keep, x, classes)
+        np.testing.assert_allclose(found.logits[o, 3], middle, rtol=1e-4, atol=1e-4)
+    for o, stat in ((0, "relevance"), (1, "act_mean")):  # orders follow the store's scores
+        scores = store.layer(concept_layer, stat)[:][found.samples]
+        ranked = np.take_along_axis(scores, found.orders[o], 1)
+        assert (np.diff(ranked, axis=1) <= 1e-4 * np.abs(scores).max()).all()
+
+
+def test_the_attribution_graph_decomposes_a_basis_concept(study, concept_layer):
+    store = ct.store.open(study.store.path)
+    concept = load_basis(store, concept_layer).concept()
+    sample, direction = 0, 2
+    x, y = study.dataset[sample][0][None], int(store.samples("label")[sample])
+    graph = ct.attribution_graph(
+        study.analyzer, x, concept_layer, direction, target=y, concepts={concept_layer: concept}
+    )
+    assert graph.root == ct.ConceptNode(concept_layer, direction)
+    stored = float(store.layer(concept_layer)[sample, direction])  # the pass's own score
+    assert graph.relevance[graph.root] == pytest.approx(stored, rel=1e-4, abs=1e-7)
+    children = graph.children(graph.root)
+    assert {child.layer for child, _ in children} == {"features.8"}  # channels feed it
+    recorded = CondAttribution(study.analyzer, {LAYER: concept})(
+        x, [{"y": y, LAYER: [direction]}], record=["features.8"]
+    ).relevances["features.8"][0]
+    for child, fraction in children:
+        expected = float(recorded[child.concept].sum()) / graph.relevance[graph.root]
+        assert fraction == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_basis_layer_below_the_root_holds_every_concept_and_all_its_relevance(
+    study, concept_layer
+):
+    """The classifier's class unit decomposed into the basis's K + 1 concepts (full width):
+    together they carry the relevance arriving at the layer, the residual included."""
+    store = ct.store.open(study.store.path)
+    concept = load_basis(store, concept_layer).concept()
+    x, y = study.dataset[1][0][None], int(store.samples("label")[1])
+    graph = ct.attribution_graph(
+        study.analyzer,
+        x,
+        "classifier",
+        y,
+        target=y,
+        widths=(7,),
+        layers=["classifier"],
+        concepts={concept_layer: concept},
+    )
+    children = graph.children(graph.root)
+    assert sorted(c.concept for c, _ in children) == list(range(7))
+    assert {c.layer for c, _ in children} == {concept_layer}
+    arriving = study.analyzer(x, torch.tensor([y]), record=[LAYER]).relevances[LAYER].sum()
+    carried = sum(f for _, f in children) * graph.relevance[graph.root]
+    assert carried == pytest.approx(float(arriving), rel=1e-4)
+    with pytest.raises(ValueError, match="give its concepts as concepts="):
+        ct.attribution_graph(study.analyzer, x, concept_layer, 0)
+    with pytest.raises(ValueError, match="several concept sets for one layer"):
+        ct.attribution_graph(
+            study.analyzer, x, LAYER, 0, concepts={LAYER: concept, concept_layer: concept}
+        )

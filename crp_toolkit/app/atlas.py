@@ -8,7 +8,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import crp_toolkit as ct
@@ -43,7 +45,12 @@ from crp_toolkit.concepts.basis import split_concept_layer
 from crp_toolkit.data.loading import gather
 from crp_toolkit.mining.ablation import read_ablation
 from crp_toolkit.mining.discovery import has_ground_truth
-from crp_toolkit.mining.labels import ConceptLabels, concept_labels
+from crp_toolkit.mining.labels import (
+    ConceptLabels,
+    check_probe_set,
+    concept_labels,
+    probe_labels,
+)
 from crp_toolkit.mining.localise import localise_references
 from crp_toolkit.mining.references import reference_samples
 from crp_toolkit.mining.statistics import (
@@ -60,7 +67,9 @@ FIGURE_KEYS = ("width", "dpi", "font_size", "cmap", "palette", "formats")
 
 def atlas(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     """Figures of the chosen inputs, of every layer and of its most relevant concepts, and the
-    HTML atlas linking them; bars of the figures done on stderr."""
+    HTML atlas linking them (concept labels from ``atlas.probe`` when given); bars of the
+    figures done on stderr. A probe set that cannot label is refused before any figure."""
+    probe = probe_set(cfg)
     study = open_study(cfg, out, loaded)
     store, style = study.store, figure_style(cfg)
     folder = out / "figures"
@@ -69,7 +78,7 @@ def atlas(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     content = SiteContent(title="crp_toolkit concept atlas", concepts=[])
     for layer in store.layers:
         mined = mine_layer(cfg.mining, study, layer, reuse=True, progress=True)
-        labels = layer_labels(cfg, study, mined)
+        labels = layer_labels(cfg, study, mined, probe)
         part = layer_pages(mined, study, cfg.mining.seed, names, folder, style, labels)
         content = SiteContent(
             content.title,
@@ -84,9 +93,40 @@ def atlas(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
         log.info("HTML atlas: %s", index)
 
 
-def layer_labels(cfg: DictConfig, study: Study, mined: MinedLayer) -> ConceptLabels | None:
-    """Labels of the layer's concepts with references, from the same references, when the
-    dataset has named masks (else None)."""
+def probe_set(cfg: DictConfig) -> Dataset | None:
+    """The annotated probe set of ``atlas.probe`` (a dataset config), checked: it has named
+    masks and at least ``mining.n_refs`` images; None when none is configured."""
+    if cfg.atlas.probe is None:
+        return None
+    probe = instantiate(cfg.atlas.probe)
+    check_probe_set(probe)
+    if len(probe) < cfg.mining.n_refs:
+        raise ValueError(
+            f"the probe set atlas.probe has {len(probe)} images, fewer than the "
+            f"mining.n_refs={cfg.mining.n_refs} references each concept is labelled by: give "
+            "a larger probe set or a smaller mining.n_refs"
+        )
+    return probe
+
+
+def layer_labels(
+    cfg: DictConfig, study: Study, mined: MinedLayer, probe: Dataset | None = None
+) -> ConceptLabels | None:
+    """Labels of the layer's concepts with references: from the annotated ``probe`` set when
+    given (each concept's own RelMax references there, one CRP pass over it), else from the
+    pages' references when the dataset has named masks (else None)."""
+    if probe is not None:
+        layer, concept = layer_concept(study.store, mined.layer)
+        return probe_labels(
+            study.analyzer,
+            layer,
+            probe,
+            concepts=mined.concepts,
+            concept=concept,
+            n_refs=cfg.mining.n_refs,
+            batch_size=cfg.loader.batch_size,
+            progress=True,
+        )
     if not has_ground_truth(study.dataset):
         return None
     spec = Spec("relevance", cfg.mining.pool, cfg.mining.normalised)
@@ -190,10 +230,10 @@ def concept_entry(
     ]
     best = int(mined.relmax.samples[0, j])
     x = gather(study.dataset, [best]).images
-    graph = None  # attribution graphs follow channels; a basis's concepts have none yet
-    if split_concept_layer(layer)[1] is None:
-        target = int(mined.relmax.classes[0, j])
-        graph = ct.attribution_graph(study.analyzer, x, layer, concept, target=target)
+    target, held = int(mined.relmax.classes[0, j]), layer_concept(study.store, layer)[1]
+    graph = ct.attribution_graph(
+        study.analyzer, x, layer, concept, target=target, concepts={layer: held}
+    )
     relmax, actmax = list(views[0].crops[:, j]), list(views[1].crops[:, j])
     text = f"{label[0]} ({label[1]:.2f})" if label else ""
     title = f"{layer}:{concept}" + (f" - {text}" if text else "")

@@ -17,6 +17,7 @@ import crp_toolkit as ct
 from crp_toolkit.app.schema import JOB
 from crp_toolkit.data.loading import first_readable
 from crp_toolkit.store.analysis import report_unmerged
+from crp_toolkit.store.concept_layers import missing_unit_files
 from crp_toolkit.store.study import Study
 from crp_toolkit.store.tables import merge_when_complete
 
@@ -109,8 +110,9 @@ def store_path(cfg: DictConfig, out: Path) -> Path:
     return Path(cfg.store.path) if cfg.store.path else out / "store.zarr"
 
 
-def open_store(cfg: DictConfig, out: Path) -> ct.store.Store:
-    """The finished store a later stage reads; a missing or unfinished one is a clear error."""
+def open_store(cfg: DictConfig, out: Path, *, bases: bool = True) -> ct.store.Store:
+    """The finished store a later stage reads; a missing or unfinished one is a clear error,
+    and so (with ``bases``) is one whose learned bases' concept layers lost files."""
     path = store_path(cfg, out)
     if not (path / "zarr.json").exists():
         raise FileNotFoundError(
@@ -125,6 +127,8 @@ def open_store(cfg: DictConfig, out: Path) -> ct.store.Store:
             f"the store at {path} is unfinished ({len(incomplete)} units: {listed}): run "
             "`crp-toolkit analyze` again with the same store.path to finish it"
         )
+    if bases:
+        check_concept_layers(store)
     if (store.attrs["table_size"] or store.attrs["class_table_size"]) and not store.attrs.get(
         "tables_merged"
     ):
@@ -136,11 +140,35 @@ def open_store(cfg: DictConfig, out: Path) -> ct.store.Store:
     return store
 
 
-def open_study(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> Study:
+def check_concept_layers(store: ct.store.Store) -> None:
+    """Refuse a store whose learned bases' concept layers lost chunk files (they would read as
+    zeros), naming them and how to recompute them."""
+    lost = {
+        name: found
+        for name in store.attrs.get("concept_layers", {})
+        if (found := missing_unit_files(store.group, store.path, name, store.layout))
+    }
+    if lost:
+        listed = "; ".join(
+            f"{name}: {', '.join(files[:3])} missing" for name, files in lost.items()
+        )
+        raise RuntimeError(
+            f"the store at {store.path} lost files of learned bases ({listed}): run "
+            f"`crp-toolkit verify store.path={store.path}`, which names the `crp-toolkit "
+            "discover` call that recomputes them"
+        )
+
+
+def open_study(
+    cfg: DictConfig, out: Path, loaded: Loaded | None = None, *, bases: bool = True
+) -> Study:
     """The run's finished store with its analyzer and dataset (made from the config unless
-    ``loaded`` is given), their fingerprints checked against the store's."""
+    ``loaded`` is given), their fingerprints checked against the store's; with ``bases``, its
+    learned bases' concept layers checked for lost files (``discover``, which recomputes them,
+    opens it without)."""
     loaded = loaded or load(cfg)
-    return Study(open_store(cfg, out), loaded.analyzer, loaded.dataset, loaded.description)
+    store = open_store(cfg, out, bases=bases)
+    return Study(store, loaded.analyzer, loaded.dataset, loaded.description)
 
 
 def open_run(run_dir: str | Path) -> tuple[DictConfig, Study]:

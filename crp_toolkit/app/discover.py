@@ -52,7 +52,7 @@ def discover(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
             "discover has no basis to learn: give discover.methods, e.g. "
             "discover.methods=[nmf,pca] (methods: nmf, pca, dictionary, kmeans, sae)"
         )
-    study = open_study(cfg, out, loaded)
+    study = open_study(cfg, out, loaded, bases=False)  # it recomputes what bases lost
     layer = d.layer or list(study.store.attrs["layers"])[0]  # the first analysed layer
     sampling = SamplingOptions(d.positions, cfg.loader.batch_size, d.images)
     for method in d.methods:  # all refused before any is learned

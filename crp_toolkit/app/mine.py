@@ -13,7 +13,6 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from crp_toolkit.app.context import Loaded, open_study
-from crp_toolkit.concepts.basis import split_concept_layer
 from crp_toolkit.mining.ablation import ablation_curves
 from crp_toolkit.mining.localise import LocalisedReferences, localise_references
 from crp_toolkit.mining.prototypes import Prototypes, fit_prototypes
@@ -60,8 +59,6 @@ def mine(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
             "concepts": mined.concepts,
             "clusters": int(mined.similarity.cluster.max()) + 1,
         }
-        if split_concept_layer(layer)[1] is not None:
-            continue  # ablation switches channels off; a basis's concepts are not channels
         curves = ablation_curves(
             study,
             layer,

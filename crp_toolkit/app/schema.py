@@ -102,6 +102,7 @@ class AtlasConfig:
     inputs: list[int] = field(default_factory=lambda: list(range(4)))  # glocal figures
     concepts: int = 4  # concepts per input in the glocal figures
     html: bool = True
+    probe: Any = None  # a dataset config: labels from this annotated probe set (None: the data's)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from crp_toolkit.app.analyze import analyze
-from crp_toolkit.app.atlas import atlas
+from crp_toolkit.app.atlas import atlas, probe_set
 from crp_toolkit.app.context import claim_output, load
 from crp_toolkit.app.discover import check_request, discover
 from crp_toolkit.app.evaluate import evaluate
@@ -44,6 +44,7 @@ def run(cfg: DictConfig) -> None:
         loaded = load(cfg)  # model, dataset and analyzer made once for every stage
         if cfg.discover.methods:
             check_request(cfg, loaded)  # a basis the layer cannot hold: refused before work
+        probe_set(cfg)  # a probe set that cannot label: refused before work
         for name in PIPELINE:
             if name == "evaluate" and not has_ground_truth(loaded.dataset):
                 log.info("evaluate skipped: the dataset has no ground-truth concepts")

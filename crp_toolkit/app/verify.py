@@ -1,4 +1,5 @@
-"""The ``verify`` stage: every unit of the store decoded and checked against its digest."""
+"""The ``verify`` stage: every unit of the store, and of its learned bases' concept layers,
+decoded and checked against its digest; the stored bases and other derived results read back."""
 
 from __future__ import annotations
 

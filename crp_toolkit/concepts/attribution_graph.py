@@ -1,26 +1,29 @@
 """Attribution graphs: a concept decomposed into the most relevant concepts of the layers
 that feed it, recursively, following the model's own graph (residual and parallel branches
-included)."""
+included). A layer's concepts are its channels, or a learned basis's directions and residual
+(``concepts=``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from crp_toolkit.concepts.basis import split_concept_layer
 from crp_toolkit.concepts.concepts import ChannelConcept, Concept, concept_on
 from crp_toolkit.concepts.conditional import propagate_conditioned
 from crp_toolkit.engine.explanation import resolve_target
 from crp_toolkit.engine.graph import Graph
 from crp_toolkit.engine.layout import feature_axes
-from crp_toolkit.engine.lrp import LRP
+from crp_toolkit.engine.lrp import LRP, ForwardPass
 
 
 @dataclass(frozen=True, order=True)
 class ConceptNode:
-    """A channel ``concept`` of ``layer``."""
+    """Concept ``concept`` of ``layer``: a channel, or of a concept layer of a learned basis
+    (``features.12@nmf16``) a direction (the residual last)."""
 
     layer: str
     concept: int
@@ -72,57 +75,105 @@ def attribution_graph(
     target: int | None = None,
     widths: Sequence[int] = (3, 2),
     layers: Sequence[str] | None = None,
+    concepts: Mapping[str, Concept] | None = None,
 ) -> AttributionGraph:
     """Decompose ``concept`` of ``layer`` for one input ``x`` (1, ...), explaining ``target``
     (argmax by default): at each level, the ``widths[level]`` most relevant concepts of each
     feeding layer, conditioned on the parent concept. ``layers`` restricts which layers hold
     concepts (default: every conv and dense layer); a concept is a channel, along each
-    layer's feature axis (a token layer's features, see ``engine.layout``)."""
+    layer's feature axis (a token layer's features, see ``engine.layout``), unless
+    ``concepts`` gives a layer others: a learned basis (``ConceptBasis.concept()``: its
+    directions and residual), keyed by the name its nodes carry, ``"features.12@nmf16"``
+    (the model layer before the ``@``) or the model layer's own. ``layer`` is such a name."""
     if x.shape[0] != 1:
         raise ValueError(
             f"attribution graphs explain one input at a time, got a batch of {x.shape[0]}"
         )
-    graph = analyzer.graph
-    axes = feature_axes(analyzer, x.shape[1:])
-    candidates = _concept_layers(graph, axes, layers) | {graph.index(layer)}
-
-    def channels(index: int) -> Concept:
-        return concept_on(ChannelConcept(), axes[index], graph.layers[index].name)
-
-    fp = analyzer.forward(x, reuse=True, keep=candidates)
+    held = _held_concepts(analyzer, x.shape[1:], layer, layers, concepts or {})
+    graph, index_of = analyzer.graph, {name: i for i, (name, _) in held.items()}
+    fp = analyzer.forward(x, reuse=True, keep=set(held))
     y = int(resolve_target(fp.output, target)[0])
     init = {graph.output_layer: analyzer.output_relevance(fp.output, torch.tensor([y]))[None]}
     root = ConceptNode(layer, concept)
-    channels(graph.index(layer)).check([concept], fp.value(graph.index(layer)), layer)
+    held[index_of[layer]][1].check([concept], fp.value(index_of[layer]), layer)
     result = AttributionGraph(root, y)
     frontier = [root]
     for width in widths:
         next_frontier: list[ConceptNode] = []
         for name in dict.fromkeys(n.layer for n in frontier):
-            index = graph.index(name)
             parents = [n for n in frontier if n.layer == name]
-            feeders = feeding_layers(graph, index, candidates)
-            ids = [[[p.concept]] for p in parents]
-            masks = {index: channels(index).mask(ids, fp.value(index))}
-            _, recorded = propagate_conditioned(analyzer, fp, init, masks, record=[index, *feeders])
-            for s, parent in enumerate(parents):
-                score = channels(index).relevance(recorded[index][s], fp.value(index))[0]
-                total = result.relevance[parent] = float(score[parent.concept])
-                for feeder in feeders:
-                    child_scores = channels(feeder).relevance(
-                        recorded[feeder][s], fp.value(feeder)
-                    )[0]
-                    for c in child_scores.topk(min(width, len(child_scores))).indices.tolist():
-                        child = ConceptNode(graph.layers[feeder].name, c)
-                        fraction = float(child_scores[c]) / total if total else 0.0
-                        result.edges.append((parent, child, fraction))
-                        if child not in result.relevance and child not in next_frontier:
-                            next_frontier.append(child)
+            for child in _expand(analyzer, fp, init, held, index_of[name], parents, width, result):
+                if child not in result.relevance and child not in next_frontier:
+                    next_frontier.append(child)
         frontier = next_frontier
     for node in frontier:  # leaves: their relevance under their own condition
-        index = graph.index(node.layer)
-        result.relevance.setdefault(node, _marginal(analyzer, fp, init, node, channels(index)))
+        index = index_of[node.layer]
+        result.relevance.setdefault(node, _marginal(analyzer, fp, init, index, node, held))
     return result
+
+
+def _held_concepts(
+    analyzer: LRP,
+    input_shape: Sequence[int],
+    root: str,
+    layers: Sequence[str] | None,
+    concepts: Mapping[str, Concept],
+) -> dict[int, tuple[str, Concept]]:
+    """Per layer holding concepts (by index): the name its nodes carry and its concepts on
+    its feature axis. A layer given ``concepts`` holds those (under their name); two for one
+    layer, or a root named otherwise than its layer's concepts, are refused."""
+    graph = analyzer.graph
+    axes = feature_axes(analyzer, input_shape)
+    given = {graph.index(split_concept_layer(name)[0]): name for name in concepts}
+    if len(given) < len(concepts):
+        raise ValueError(
+            f"concepts names several concept sets for one layer ({sorted(concepts)}): give "
+            "one per layer"
+        )
+    root_index = graph.index(split_concept_layer(root)[0])
+    indices = _concept_layers(graph, axes, layers) | {root_index} | set(given)
+    held = {}
+    for i in indices:
+        name = given.get(i, graph.layers[i].name)
+        found = concepts.get(name, ChannelConcept())
+        held[i] = name, concept_on(found, axes[i], graph.layers[i].name)
+    if held[root_index][0] != root:
+        raise ValueError(
+            f"the root layer {root!r} holds {held[root_index][0]!r}'s concepts here: name it "
+            f"{held[root_index][0]!r}, or give its concepts as concepts={{{root!r}: ...}}"
+        )
+    return held
+
+
+def _expand(
+    analyzer: LRP,
+    fp: ForwardPass,
+    init: dict,
+    held: dict[int, tuple[str, Concept]],
+    index: int,
+    parents: list[ConceptNode],
+    width: int,
+    result: AttributionGraph,
+) -> list[ConceptNode]:
+    """One level below the ``parents`` (concepts of layer ``index``): each parent's relevance
+    and its ``width`` most relevant children in every feeding layer, as edges of ``result``;
+    returns the children."""
+    feeders = feeding_layers(analyzer.graph, index, set(held))
+    concept = held[index][1]
+    masks = {index: concept.mask([[[p.concept]] for p in parents], fp.value(index))}
+    _, recorded = propagate_conditioned(analyzer, fp, init, masks, record=[index, *feeders])
+    children = []
+    for s, parent in enumerate(parents):
+        score = concept.relevance(recorded[index][s], fp.value(index))[0]
+        total = result.relevance[parent] = float(score[parent.concept])
+        for feeder in feeders:
+            name, below = held[feeder]
+            scores = below.relevance(recorded[feeder][s], fp.value(feeder))[0]
+            for c in scores.topk(min(width, len(scores))).indices.tolist():
+                child = ConceptNode(name, c)
+                result.edges.append((parent, child, float(scores[c]) / total if total else 0.0))
+                children.append(child)
+    return children
 
 
 def _concept_layers(graph: Graph, axes: dict, layers: Sequence[str] | None) -> set[int]:
@@ -132,8 +183,9 @@ def _concept_layers(graph: Graph, axes: dict, layers: Sequence[str] | None) -> s
     return {graph.index(n) for n in layers}
 
 
-def _marginal(analyzer: LRP, fp, init, node: ConceptNode, channels: Concept) -> float:
-    index = analyzer.graph.index(node.layer)
+def _marginal(
+    analyzer: LRP, fp, init, index: int, node: ConceptNode, held: dict[int, tuple[str, Concept]]
+) -> float:
     pending, _ = analyzer.propagate(fp, init, stop=index)
-    scores = channels.relevance(pending[index][0], fp.value(index))
+    scores = held[index][1].relevance(pending[index][0], fp.value(index))
     return float(scores[0, node.concept])

@@ -134,15 +134,33 @@ class BasisConcept(DirectionConcept):
         return torch.where(live, part / stabilize(activation, 1e-12)[None], residual)
 
 
-def concept_maps(concept: Concept, R: Tensor, activation: Tensor) -> Tensor:
-    """Each concept's relevance map (B, n_concepts, ...) at its layer, from the relevance R
-    and activation there (B, C, ...): R itself for channels, a basis's shares of R for its
-    directions and residual."""
+def concept_values(concept: Concept, R: Tensor, activation: Tensor) -> tuple[Tensor, Tensor]:
+    """Each concept's relevance map and activation map (B, n_concepts, ...) at its layer, from
+    the relevance R and activation there (B, C, ...): R and the activation themselves for
+    channels; a basis's shares of R, and its coefficients (the residual: its norm)."""
     if isinstance(concept, BasisConcept):
-        return concept.maps(R, activation)[0]
+        return concept.maps(R, activation)
     if isinstance(concept, ChannelConcept):
-        return R
+        return R, activation
     raise TypeError(f"no relevance maps for {type(concept).__name__} concepts")
+
+
+def ablated(concept: Concept, activation: Tensor, keep: Tensor) -> Tensor:
+    """The activation (B, C, ...) with the concepts where ``keep`` (B, n_concepts) is 0
+    removed: a channel zeroed; a direction k's component ``c_k basis_k`` subtracted, the
+    residual's ``a - basis^T c`` likewise (all removed: zero)."""
+    spatial = [1] * (activation.dim() - 2)
+    keep = keep.to(activation)
+    if isinstance(concept, ChannelConcept):
+        return activation * keep.reshape(*keep.shape, *spatial)
+    if not isinstance(concept, BasisConcept):
+        raise TypeError(f"{type(concept).__name__} concepts cannot be ablated")
+    basis = concept.basis.to(activation)
+    c = concept.coefficients(activation)
+    removed = (1 - keep).reshape(*keep.shape, *spatial)
+    spanned = torch.einsum("bk...,kc->bc...", c, basis)
+    directions = torch.einsum("bk...,kc->bc...", removed[:, :-1] * c, basis)
+    return activation - directions - removed[:, -1:] * (activation - spanned)
 
 
 def _live(activation: Tensor) -> Tensor:

@@ -2,9 +2,11 @@
 values: activation vectors at sampled positions), out of core and seeded.
 
 Each method is a *learner* with ``partial_fit(rows)`` and ``directions()`` (K, C): NMF
-(``MiniBatchNMF``; non-negative rows), PCA (``IncrementalPCA``), sparse dictionary learning
-(``MiniBatchDictionaryLearning``), k-means (``MiniBatchKMeans``) from scikit-learn, and a TopK
-sparse autoencoder trained in torch (each row encoded by its ``topk`` largest codes; the
+(``MiniBatchNMF``; non-negative rows), sparse dictionary learning
+(``MiniBatchDictionaryLearning``) and k-means (``MiniBatchKMeans``) from scikit-learn; an exact
+streaming PCA (the rows' count, sum and Gram matrix accumulated in float64, one
+eigendecomposition of the covariance at the end: one pass, a C x C state whatever N); and a
+TopK sparse autoencoder trained in torch (each row encoded by its ``topk`` largest codes; the
 decoder's rows are the directions). :func:`learn_directions` feeds a learner the stream in
 blocks of ``block`` rows, so memory is one block whatever the stream's length. scikit-learn is
 imported when a learner is made, not with this module.
@@ -49,6 +51,40 @@ class _Sklearn:
 
     def directions(self) -> np.ndarray:
         return np.asarray(getattr(self.estimator, self.attribute), np.float64)
+
+
+class StreamingPCA:
+    """Exact PCA of a stream of rows: the principal directions of all rows seen, computed from
+    their count, sum and Gram matrix ``X^T X`` (float64, accumulated block by block, shifted by
+    the first block's mean so that large means do not cancel away the variance) with one
+    eigendecomposition of the C x C covariance when the directions are asked for. Equal to
+    scikit-learn's ``PCA`` on the same rows held in memory (up to sign), whatever the blocks."""
+
+    def __init__(self, k: int, channels: int) -> None:
+        self.k = k
+        self.count = 0
+        self.shift: np.ndarray | None = None
+        self.total = np.zeros(channels)
+        self.gram = np.zeros((channels, channels))
+
+    def partial_fit(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, np.float64)
+        if self.shift is None:
+            self.shift = rows.mean(0)
+        centred = rows - self.shift
+        self.count += len(rows)
+        self.total += centred.sum(0)
+        self.gram += centred.T @ centred
+
+    def covariance(self) -> np.ndarray:
+        """The rows' covariance (C, C), normalised by the count."""
+        mean = self.total / max(self.count, 1)
+        return self.gram / max(self.count, 1) - np.outer(mean, mean)
+
+    def directions(self) -> np.ndarray:
+        """The K eigenvectors of the covariance with the largest eigenvalues, largest first."""
+        values, vectors = np.linalg.eigh(self.covariance())
+        return vectors[:, np.argsort(-values, kind="stable")[: self.k]].T
 
 
 class TopKAutoencoder(nn.Module):
@@ -146,13 +182,13 @@ def make_learner(
     check_method(method, k, channels)
     if method == "sae":
         return _SAE(k, seed, channels, options.topk, options.lr, options.sae_batch)
+    if method == "pca":
+        return StreamingPCA(k, channels)
     from sklearn import cluster, decomposition
 
     batch = max(options.batch, 2 * k)  # every partial fit sees at least K rows
     if method == "nmf":
         found = decomposition.MiniBatchNMF(k, random_state=seed, init="random"), "components_"
-    elif method == "pca":
-        found = decomposition.IncrementalPCA(k), "components_"
     elif method == "dictionary":
         found = (
             decomposition.MiniBatchDictionaryLearning(k, random_state=seed, batch_size=batch),

@@ -1,10 +1,12 @@
 """Concept ablation curves: the faithfulness test of the CRP paper.
 
-For each sample, the concepts (channels) of a layer are ordered by their CRP relevance while
-explaining the class the store explains (label or prediction), by their activation, and at
-random (seeded); then switched off cumulatively in that order (their channel zeroed in the
-layer's output) while the explained logit is recorded. A faithful relevance ranking makes the
-logit fall fastest: its mean curve has the smallest area.
+For each sample, the concepts of a layer are ordered by their CRP relevance while explaining
+the class the store explains (label or prediction), by their activation, and at random
+(seeded); then switched off cumulatively in that order while the explained logit is recorded.
+A concept is a channel (switched off: zeroed in the layer's output), or, in the concept layer
+of a learned basis (``features.12@nmf16``), a direction (switched off: its component
+``c_k basis_k`` removed from the activation) or the residual (the rest of the activation). A
+faithful relevance ranking makes the logit fall fastest: its mean curve has the smallest area.
 """
 
 from __future__ import annotations
@@ -18,14 +20,22 @@ import torch.fx as fx
 from torch import Tensor
 from tqdm import tqdm
 
-from crp_toolkit.concepts.concepts import ChannelConcept, concept_on, require_feature_axis
+from crp_toolkit.concepts.basis import ablated, concept_values
+from crp_toolkit.concepts.concepts import (
+    ChannelConcept,
+    Concept,
+    feature_first,
+    require_feature_axis,
+)
 from crp_toolkit.engine.layout import feature_axes
 from crp_toolkit.engine.lrp import LRP
+from crp_toolkit.store.bases import layer_concept
 from crp_toolkit.store.results import read_result, write_result
 from crp_toolkit.store.study import Study
 from crp_toolkit.store.zarr_store import Store
 
 ORDERINGS = ("relevance", "activation", "random")
+CHANNELS = ChannelConcept()  # the default concepts: a layer's channels
 
 
 @dataclass(frozen=True)
@@ -72,19 +82,27 @@ class AblationCurves:
 
 
 def concept_orders(
-    analyzer: LRP, x: Tensor, classes: Tensor, layer: str, seed: int = 0, batch_size: int = 64
+    analyzer: LRP,
+    x: Tensor,
+    classes: Tensor,
+    layer: str,
+    seed: int = 0,
+    batch_size: int = 64,
+    concept: Concept = CHANNELS,
 ) -> dict[str, np.ndarray]:
-    """Per ordering, (n, C) concept ids of ``layer`` from first to last switched off:
-    descending CRP relevance (explaining ``classes``) and activation (summed over space; ties
-    keep the lower id first), and a random permutation per sample (``seed``). Scores are
+    """Per ordering, (n, concepts) concept ids of ``layer`` from first to last switched off:
+    descending CRP relevance (explaining ``classes``) and activation (summed over space: of a
+    channel, or a basis's coefficient; ties keep the lower id first), and a random permutation
+    per sample (``seed``). ``concept``: channels, or a learned basis of the layer. Scores are
     computed ``batch_size`` samples at a time."""
     parts = []
     axis = feature_axes(analyzer, x.shape[1:])[analyzer.graph.index(layer)]
-    channels = concept_on(ChannelConcept(), axis, layer)
     for xs, ys in zip(x.split(batch_size), classes.split(batch_size), strict=True):
         expl = analyzer(xs, ys, record=[layer])
-        relevance, activation = expl.relevances[layer], expl.activations[layer]
-        parts.append([channels.relevance(r, activation) for r in (relevance, activation)])
+        values = (feature_first(expl.relevances[layer], axis, layer),)
+        values += (feature_first(expl.activations[layer], axis, layer),)
+        maps = concept_values(concept, *values)
+        parts.append([m.flatten(2).sum(2) if m.dim() > 2 else m for m in maps])
     orders = {
         name: np.argsort(-torch.cat(s).double().cpu().numpy(), axis=1, kind="stable")
         for name, s in zip(("relevance", "activation"), zip(*parts, strict=True), strict=True)
@@ -104,10 +122,12 @@ def ablated_logits(
     removed: np.ndarray,
     batch_size: int = 256,
     bar: tqdm | None = None,
+    concept: Concept = CHANNELS,
 ) -> np.ndarray:
-    """(steps, n): the logit of ``classes`` with the first ``removed[t]`` concepts of each
-    sample's ``order`` switched off; every (step, sample) is a row of one masked forward pass,
-    ``batch_size`` rows at a time, each pass advancing ``bar``."""
+    """(steps, n): the logit of ``classes`` with the first ``removed[t]`` concepts (channels,
+    or of ``concept``, a learned basis) of each sample's ``order`` switched off; every (step,
+    sample) is a row of one masked forward pass, ``batch_size`` rows at a time, each pass
+    advancing ``bar``."""
     n, concepts = order.shape
     rank = np.argsort(order, axis=1)  # rank[b, c]: when concept c of sample b goes off
     keep = rank[None] >= np.asarray(removed)[:, None, None]  # (steps, n, C)
@@ -116,36 +136,40 @@ def ablated_logits(
     out = []
     for start in range(0, len(rows), batch_size):
         part = slice(start, start + batch_size)
-        logits = masked_forward(analyzer, x[sample[part]], layer, rows[part])
+        logits = masked_forward(analyzer, x[sample[part]], layer, rows[part], concept)
         out.append(logits.gather(1, classes[sample[part]][:, None].to(logits.device))[:, 0])
         if bar is not None:
             bar.update(len(logits))
     return torch.cat(out).reshape(len(removed), n).float().cpu().numpy()
 
 
-def masked_forward(analyzer: LRP, x: Tensor, layer: str, keep: Tensor) -> Tensor:
-    """The model's output with the channels of ``layer``'s output (along its feature axis)
-    multiplied by ``keep`` (rows, C) (1 keeps a channel, 0 switches it off), per row of
-    ``x``."""
+def masked_forward(
+    analyzer: LRP, x: Tensor, layer: str, keep: Tensor, concept: Concept = CHANNELS
+) -> Tensor:
+    """The model's output with the concepts of ``layer``'s output (along its feature axis)
+    where ``keep`` (rows, concepts) is 0 switched off, per row of ``x``: channels zeroed, or
+    the components of a learned basis's directions (and residual) removed (``concept``; see
+    ``concepts.basis.ablated``)."""
     index = analyzer.graph.index(layer)
     axis = require_feature_axis(feature_axes(analyzer, x.shape[1:])[index], layer)
+
+    def edit(out: Tensor) -> Tensor:
+        return ablated(concept, out.movedim(axis, 1), keep.to(out.device)).movedim(1, axis)
+
     with torch.no_grad():
-        return _Masked(analyzer.graph.module, analyzer.graph.layers[index].node, keep, axis).run(x)
+        return _Edited(analyzer.graph.module, analyzer.graph.layers[index].node, edit).run(x)
 
 
-class _Masked(fx.Interpreter):
-    """Runs a traced model, multiplying one node's output by a per-row channel mask."""
+class _Edited(fx.Interpreter):
+    """Runs a traced model, replacing one node's output by ``edit`` of it."""
 
-    def __init__(self, module: fx.GraphModule, node: fx.Node, keep: Tensor, axis: int) -> None:
+    def __init__(self, module: fx.GraphModule, node: fx.Node, edit) -> None:
         super().__init__(module)
-        self.node, self.keep, self.axis = node, keep, axis
+        self.node, self.edit = node, edit
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
-        if n is not self.node:
-            return out
-        keep = self.keep.to(out).reshape(*self.keep.shape, *([1] * (out.dim() - 2)))
-        return out * keep.movedim(1, self.axis)
+        return self.edit(out) if n is self.node else out
 
 
 def ablation_curves(
@@ -159,19 +183,21 @@ def ablation_curves(
     write: bool = True,
     progress: bool = False,
 ) -> AblationCurves:
-    """Ablation curves of ``layer`` for ``samples`` (a number: the first that many valid
+    """Ablation curves of ``layer`` (a layer's channels, or the concept layer of a learned
+    basis, ``features.12@nmf16``) for ``samples`` (a number: the first that many valid
     samples of the store; or sample ids), explaining the store's explained classes. ``steps``
     limits how many ablation steps are taken (evenly spaced; all C + 1 by default);
     ``batch_size`` rows go through each forward (and samples through each relevance pass). With
     ``write``, the result is kept in the store as ``derived/ablation/<layer>``. With
     ``progress``, a bar of the masked forward rows done on stderr."""
     analyzer = study.analyzer
+    model_layer, concept = layer_concept(study.store, layer)
     ids = _samples(study.store, samples)
     images = study.images(ids)
     like = next(analyzer.model.parameters(), images)
     x = images.to(device=like.device, dtype=like.dtype)
     classes = torch.from_numpy(study.classes(ids)).to(x.device)
-    orders = concept_orders(analyzer, x, classes, layer, seed, batch_size)
+    orders = concept_orders(analyzer, x, classes, model_layer, seed, batch_size, concept)
     concepts = orders["relevance"].shape[1]
     removed = _steps(concepts, steps)
     rows = len(orders) * len(removed) * len(ids)
@@ -179,7 +205,9 @@ def ablation_curves(
     with bar:
         logits = np.stack(
             [
-                ablated_logits(analyzer, x, classes, layer, o, removed, batch_size, bar)
+                ablated_logits(
+                    analyzer, x, classes, model_layer, o, removed, batch_size, bar, concept
+                )
                 for o in orders.values()
             ]
         )

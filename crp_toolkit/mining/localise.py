@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from crp_toolkit.concepts.basis import concept_maps
+from crp_toolkit.concepts.basis import concept_values
 from crp_toolkit.concepts.concepts import ChannelConcept, Concept, spatial_view
 from crp_toolkit.concepts.conditional import OUTPUT, CondAttribution
 from crp_toolkit.engine.layout import layouts
@@ -193,7 +193,9 @@ def conditional_maps(
         chosen = torch.as_tensor(np.asarray(concepts[part]), device=x.device)
         axis, grid = found.axes[index], found.grids[index]
         values = (result.relevances[layer], result.activations[layer])
-        relevance = concept_maps(concept, *(spatial_view(t, axis, grid, layer) for t in values))
+        relevance = concept_values(concept, *(spatial_view(t, axis, grid, layer) for t in values))[
+            0
+        ]
         heat.append(result.heatmaps.float().cpu())
         maps.append(relevance[torch.arange(len(x), device=x.device), chosen].float().cpu())
         if bar is not None:

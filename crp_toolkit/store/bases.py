@@ -12,12 +12,14 @@ store (``features.12@nmf16``) beside the layer's channels.
 - :func:`analyze_basis`: per sample, the relevance of each of the K directions and of the
   residual (conditional relevance, ``BasisConcept``), their spatial max and the coefficients'
   statistics, in the same arrays a layer of the dataset pass has (``layers/<concept layer>/``),
-  written a store chunk at a time with its own progress (resumable), then listed in the root
-  attributes (``concept_layers``) so that mining, the atlas and evaluate read it as a layer.
+  written a store chunk at a time with its own progress and digests (resumable; see
+  ``concept_layers``), then listed in the root attributes (``concept_layers``) so that mining,
+  the atlas and evaluate read it as a layer.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -40,13 +42,21 @@ from crp_toolkit.data.loading import grouped
 from crp_toolkit.engine.layout import feature_axes, layouts
 from crp_toolkit.engine.lrp import LRP
 from crp_toolkit.store.analysis import layer_statistics
-from crp_toolkit.store.integrity import COMPRESSOR, WRITE_ALL
+from crp_toolkit.store.concept_layers import (
+    DTYPES,
+    STATS,
+    basis_digest,
+    concept_group,
+    unit_states,
+    write_unit,
+)
+from crp_toolkit.store.integrity import StoreDamagedError
 from crp_toolkit.store.results import list_results, read_result, write_result
 from crp_toolkit.store.study import Study
 from crp_toolkit.store.zarr_store import Store, StoreMismatchError
 
 KIND = "bases"
-STATS = ("relevance", "rel_max", "act_max", "act_mean", "act_argmax")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -264,18 +274,23 @@ def check_basis(store: Store, basis: ConceptBasis) -> None:
 
 def save_basis(store: Store, basis: ConceptBasis) -> str:
     """Keep ``basis`` in the store (checked against it first). A basis of the same name made
-    with other settings is refused rather than replaced (nothing in the store is lost).
-    Returns its concept layer name."""
+    with other settings is refused rather than replaced (nothing in the store is lost); the
+    same one kept already is left as it is, unless its files are damaged: then it is written
+    again (the same settings learn the same directions). Returns its concept layer name."""
     check_basis(store, basis)
     name = basis_result(basis.layer, basis.name)
-    if read_result(store.path, name) is not None:
-        if read_result(store.path, name, basis_key(basis)) is not None:
-            return basis.concept_layer  # the same basis: kept already
-        raise FileExistsError(
-            f"the store at {store.path} already holds a basis {basis.concept_layer} made with "
-            "other settings (sampling or learner options); give this one another seed, or use "
-            "another store; nothing was changed"
-        )
+    if name in list_results(store.path):
+        try:
+            if read_result(store.path, name, basis_key(basis)) is not None:
+                return basis.concept_layer  # the same basis: kept already
+        except StoreDamagedError as err:
+            log.warning("the stored basis %s is damaged and is written again: %s", name, err)
+        else:
+            raise FileExistsError(
+                f"the store at {store.path} already holds a basis {basis.concept_layer} made "
+                "with other settings (sampling or learner options); give this one another "
+                "seed, or use another store; nothing was changed"
+            )
     attrs = {"layer": basis.layer, "method": basis.method, "source": basis.source}
     attrs |= {"seed": basis.seed, "provenance": dict(basis.provenance)}
     write_result(
@@ -327,53 +342,55 @@ def analyze_basis(
     study: Study, basis: ConceptBasis, *, batch_size: int = 64, progress: bool = True
 ) -> str:
     """Make ``basis`` a concept layer of the study's store (see the module docstring): kept
-    in the store, then analysed chunk by chunk (resumable). Returns the concept layer's name.
-    An unfinished store (its dataset pass not done) is refused before anything is written."""
+    in the store, then analysed chunk by chunk with the basis the store keeps (resumable;
+    units damaged since, or computed with a basis since replaced, are recomputed). Returns the
+    concept layer's name. An unfinished store (its dataset pass not done) is refused before
+    anything is written."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if not study.store.complete:
+    store = study.store
+    if not store.complete:
         raise RuntimeError(
-            f"the store at {study.store.path} is unfinished: run its dataset pass to the end "
+            f"the store at {store.path} is unfinished: run its dataset pass to the end "
             "(crp-toolkit analyze with the same store.path) before adding a basis"
         )
-    name = save_basis(study.store, basis)
-    root = zarr.open_group(study.store.path, mode="r+")
-    layout = study.store.layout
-    spatial = tuple(layout.layers[basis.layer][1:])
-    group = _concept_group(root, name, basis.k + 1, layout.n_samples, layout.chunk, layout.n_chunks)
-    concept = basis.concept()
-    done = group["done"]
-    todo = [c for c in range(layout.n_chunks) if not done[c]]
-    device = next(study.analyzer.model.parameters()).device
-    bar = tqdm(
-        total=sum(len(layout.rows(c)) for c in todo),
-        desc=f"analyze {name}",
-        unit="img",
-        disable=not progress,
-    )
-    with bar:
-        for c in todo:
-            rows = layout.rows(c)
-            arrays = {s: np.zeros((len(rows), basis.k + 1), _DTYPES[s]) for s in STATS}
-            arrays["normaliser"] = np.zeros(len(rows), np.float32)
-            valid = study.store.samples("valid")[rows.start : rows.stop]
-            ids = np.arange(rows.start, rows.stop)[valid]
-            for s in range(0, len(ids), batch_size):
-                part = ids[s : s + batch_size]
-                stats = basis_statistics(study, concept, basis.layer, part, device)
-                for key, values in stats.items():
-                    arrays[key][part - rows.start] = values
-            for key, values in arrays.items():
-                group[key].with_config(WRITE_ALL)[rows.start : rows.stop] = values
-            done[c] = True
-            bar.update(len(rows))
+    name = save_basis(store, basis)
+    kept = load_basis(store, name)  # what every unit is computed with
+    root, layout = zarr.open_group(store.path, mode="r+"), store.layout
+    digest = basis_digest(kept.directions)
+    group = concept_group(root, name, kept.k + 1, layout, digest)
+    todo = unit_states(root, store.path, name, layout)
+    for unit, problems in todo.items():
+        if problems != ["not done"]:
+            log.warning("unit %d of %s is damaged and is recomputed: %s", unit, name, problems)
+    concept, device = kept.concept(), next(study.analyzer.model.parameters()).device
+    rows = sum(len(layout.rows(c)) for c in todo)
+    with tqdm(total=rows, desc=f"analyze {name}", unit="img", disable=not progress) as bar:
+        for unit in todo:
+            arrays = unit_statistics(study, concept, kept.layer, unit, batch_size, device)
+            write_unit(group, layout, unit, arrays)
+            bar.update(len(layout.rows(unit)))
     attrs = dict(root.attrs.get("concept_layers", {}))
-    attrs[name] = [basis.k + 1, *spatial]
+    attrs[name] = [kept.k + 1, *layout.layers[kept.layer][1:]]
     root.attrs["concept_layers"] = attrs
     return name
 
 
-_DTYPES = {s: np.int32 if s == "act_argmax" else np.float32 for s in STATS}
+def unit_statistics(
+    study: Study, concept: BasisConcept, layer: str, unit: int, batch_size: int, device
+) -> dict[str, np.ndarray]:
+    """The statistics rows of one unit (store chunk) of a basis's concept layer: its readable
+    samples' rows by :func:`basis_statistics`, ``batch_size`` at a time; zeros elsewhere."""
+    rows, k = study.store.layout.rows(unit), concept.basis.shape[0] + 1
+    arrays = {s: np.zeros((len(rows), k), DTYPES[s]) for s in STATS}
+    arrays["normaliser"] = np.zeros(len(rows), np.float32)
+    valid = study.store.samples("valid")[rows.start : rows.stop]
+    ids = np.arange(rows.start, rows.stop)[valid]
+    for s in range(0, len(ids), batch_size):
+        part = ids[s : s + batch_size]
+        for key, values in basis_statistics(study, concept, layer, part, device).items():
+            arrays[key][part - rows.start] = values
+    return arrays
 
 
 def basis_statistics(
@@ -390,31 +407,3 @@ def basis_statistics(
     if grid is not None:  # maxima and argmax over the patch grid, as for the layer's channels
         rel_maps, act_maps = grid.patches(rel_maps), grid.patches(act_maps)
     return layer_statistics(rel_maps, act_maps, maps=False, scores=scores)
-
-
-def _concept_group(root: zarr.Group, name: str, concepts: int, n: int, chunk: int, chunks: int):
-    """The concept layer's group, made on first use: the statistics arrays (chunks aligned
-    with the store's units), coordinates and a done flag per unit."""
-    path = f"layers/{name}"
-    if path in root:
-        return root[path]
-    group = root.create_group(path)
-
-    def array(key, shape, chunks_, dtype, dims):
-        return group.create_array(
-            key,
-            shape=shape,
-            chunks=chunks_,
-            dtype=dtype,
-            dimension_names=dims,
-            compressors=COMPRESSOR,
-            config=WRITE_ALL,
-        )
-
-    for stat in STATS:
-        array(stat, (n, concepts), (chunk, concepts), _DTYPES[stat], ["sample", "concept"])
-    array("normaliser", (n,), (chunk,), "float32", ["sample"])
-    array("sample", (n,), (chunk,), "int64", ["sample"])[:] = np.arange(n)
-    array("concept", (concepts,), (concepts,), "int64", ["concept"])[:] = np.arange(concepts)
-    array("done", (chunks,), (1,), "bool", ["chunk"])
-    return group

@@ -43,6 +43,44 @@ def chunk_file(array: zarr.Array, index: tuple[int, ...]) -> str:
     return f"{array.path}/{array.metadata.encode_chunk_key(index)}"
 
 
+def unit_file(array: zarr.Array, unit: int) -> str:
+    """The file of a unit of work in ``array``: its rows (or its entry) are one zarr chunk,
+    ``unit``, along the first axis."""
+    return chunk_file(array, (unit,) + (0,) * (array.ndim - 1))
+
+
+def unit_problems(
+    group: zarr.Group,
+    root: Path,
+    reads: Mapping[str, tuple[zarr.Array, object]],
+    unit: int,
+    digest: str,
+) -> list[str]:
+    """What is wrong with finished unit ``unit``, written as ``reads`` (path -> (array, the
+    unit's selection in it)) with its digest in row ``unit`` of the array ``digest``: missing
+    chunk files, files that fail to decode (zstd checksum), or contents whose digest differs
+    from what was written; [] if sound."""
+    files = {path: unit_file(array, unit) for path, (array, _) in reads.items()}
+    problems = [f"{name}: missing" for name in files.values() if not (root / name).exists()]
+    if problems:
+        return problems
+    values = {}
+    for path, (array, selection) in reads.items():
+        try:
+            values[path] = array[selection]
+        except Exception as err:  # a truncated or corrupted chunk file
+            problems.append(f"{files[path]}: cannot be read ({type(err).__name__}: {err})")
+    if problems:
+        return problems
+    try:
+        stored = group[digest][unit]
+    except Exception as err:
+        return [f"{digest}: cannot be read ({type(err).__name__}: {err})"]
+    if not np.array_equal(stored, unit_digest(values)):
+        return ["its contents differ from what was written (digest mismatch)"]
+    return []
+
+
 def damaged_chunks(array: zarr.Array, root: Path) -> list[str]:
     """Every chunk file of ``array`` that is missing or cannot be decoded, with the reason."""
     found = []

@@ -75,8 +75,9 @@ from crp_toolkit.store.integrity import (
     DIGEST_BYTES,
     WRITE_ALL,
     CheckedArray,
-    chunk_file,
     unit_digest,
+    unit_file,
+    unit_problems,
 )
 from crp_toolkit.store.tables import SPECS
 
@@ -434,18 +435,13 @@ def unit_arrays(group: zarr.Group, layout: Layout) -> dict[str, zarr.Array]:
     return {path: group[path] for path in layout.unit()}
 
 
-def _unit_file(array: zarr.Array, chunk: int) -> str:
-    """The file of a unit in ``array``: its rows (or its entry) are one zarr chunk, ``chunk``."""
-    return chunk_file(array, (chunk,) + (0,) * (array.ndim - 1))
-
-
 def missing_files(group: zarr.Group, root: Path, layout: Layout, chunks) -> dict[int, list[str]]:
     """Per unit among ``chunks``: the chunk files that should exist and do not (cheap: no
     file is read)."""
     arrays = unit_arrays(group, layout).values()
     out = {}
     for chunk in chunks:
-        missing = [name for a in arrays if not (root / (name := _unit_file(a, chunk))).exists()]
+        missing = [name for a in arrays if not (root / (name := unit_file(a, chunk))).exists()]
         if missing:
             out[chunk] = missing
     return out
@@ -457,30 +453,11 @@ def check_unit(
     """What is wrong with a finished unit of work (``arrays``: ``unit_arrays``): its missing
     chunk files, the ones that fail to decode (zstd checksum), or a digest that differs from
     what was written; [] if sound."""
-    problems = [
-        f"{name}: missing"
-        for array in arrays.values()
-        if not (root / (name := _unit_file(array, chunk))).exists()
-    ]
-    if problems:
-        return problems
-    values = {}
-    for path, (_, per_chunk) in layout.unit().items():
-        try:
-            values[path] = arrays[path][_selection(layout, chunk, per_chunk)]
-        except Exception as err:  # a truncated or corrupted chunk file
-            problems.append(
-                f"{_unit_file(arrays[path], chunk)}: cannot be read ({type(err).__name__}: {err})"
-            )
-    if problems:
-        return problems
-    try:
-        stored = group["progress/digest"][chunk]
-    except Exception as err:
-        return [f"progress/digest: cannot be read ({type(err).__name__}: {err})"]
-    if not np.array_equal(stored, unit_digest(values)):
-        return ["its contents differ from what was written (digest mismatch)"]
-    return []
+    reads = {
+        path: (arrays[path], _selection(layout, chunk, per_chunk))
+        for path, (_, per_chunk) in layout.unit().items()
+    }
+    return unit_problems(group, root, reads, chunk, "progress/digest")
 
 
 class Store:
