@@ -10,8 +10,10 @@ import json
 import pytest
 import torch
 from conftest import cli
+from hydra import compose, initialize_config_module
 
 import crp_toolkit as ct
+from crp_toolkit.app.schema import register
 from crp_toolkit.data.training import TrainConfig, accuracy, load_world_model, materialize, train
 from crp_toolkit.data.world import ConceptWorld
 
@@ -45,12 +47,14 @@ def test_an_unknown_architecture_is_refused():
         load_world_model(architecture="resnet")
 
 
-def test_crp_toolkit_run_on_the_world_vit(tmp_path):
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory):
     """Explain, analyze, discover, mine, atlas and evaluate on two token layers of the ViT,
     chosen (with CP-LRP) by the model config alone."""
+    out = tmp_path_factory.mktemp("vit_run")
     run = cli(
         "run",
-        f"hydra.run.dir={tmp_path}",
+        f"hydra.run.dir={out}",
         "model=concept_world_vit",
         "analysis.limit=40",
         "store.chunk=20",
@@ -71,12 +75,47 @@ def test_crp_toolkit_run_on_the_world_vit(tmp_path):
         "discover.positions=4",
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    store = ct.store.open(tmp_path / "store.zarr")
+    return out
+
+
+def test_crp_toolkit_run_on_the_world_vit(vit_run):
+    store = ct.store.open(vit_run / "store.zarr")
     basis = f"{BLOCK.format(3)}@nmf4"
     assert store.layers == [BLOCK.format(3), BLOCK.format(1), basis] and store.complete
     assert store.attrs["layers"][BLOCK.format(3)] == [64, 8, 8]
     assert store.attrs["provenance"]["composite"].startswith("CPLRP(")
-    recovered = json.loads((tmp_path / "evaluate" / "recovery.json").read_text())
+    recovered = json.loads((vit_run / "evaluate" / "recovery.json").read_text())
     assert {r["layer"] for r in recovered} == {BLOCK.format(3), BLOCK.format(1), basis}
-    assert (tmp_path / "atlas" / "index.html").exists()
-    assert list((tmp_path / "figures").glob(f"{BLOCK.format(3)}_[0-9]*.png"))
+    assert (vit_run / "atlas" / "index.html").exists()
+    assert list((vit_run / "figures").glob(f"{BLOCK.format(3)}_[0-9]*.png"))
+
+
+def test_the_vits_attribution_graphs_follow_the_residual_stream():
+    """The model config's ``atlas.graph_layers`` (the residual stream after each attention and
+    MLP) hold every concept of a graph, where by default every dense layer of the attention
+    and the MLP would."""
+    register()
+    with initialize_config_module("crp_toolkit.conf", version_base=None):
+        layers = list(compose("config", ["model=concept_world_vit"]).atlas.graph_layers)
+    analyzer = ct.LRP(load_world_model(architecture="vit"), ct.composites.CPLRP())
+    x = ConceptWorld(4, seed=1)[0][0][None]
+    graph = ct.attribution_graph(analyzer, x, BLOCK.format(3), 5, layers=layers)
+    assert {node.layer for node in graph.nodes} <= set(layers)
+    children = {child.layer for parent, child, _ in graph.edges if parent == graph.root}
+    assert children == {"encoder.layers.encoder_layer_3.add"}  # the residual after attention
+    default = ct.attribution_graph(analyzer, x, BLOCK.format(3), 5)
+    assert any(".mlp." in node.layer for node in default.nodes)
+
+
+def test_an_unknown_graph_layer_is_refused_before_any_figure(vit_run, tmp_path):
+    run = cli(
+        "atlas",
+        f"hydra.run.dir={tmp_path}",
+        f"store.path={vit_run / 'store.zarr'}",
+        "model=concept_world_vit",
+        "analysis.limit=40",
+        "atlas.graph_layers=[encoder.layers.encoder_layer_9.add]",
+    )
+    assert run.returncode != 0
+    assert "atlas.graph_layers names layers the model does not have" in run.stderr
+    assert not (tmp_path / "figures").exists()

@@ -72,6 +72,7 @@ def atlas(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     probe = probe_set(cfg)
     study = open_study(cfg, out, loaded)
     store, style = study.store, figure_style(cfg)
+    graph_layers = checked_graph_layers(cfg, study)
     folder = out / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     names = class_names(study.dataset, store.classes)
@@ -79,7 +80,9 @@ def atlas(cfg: DictConfig, out: Path, loaded: Loaded | None = None) -> None:
     for layer in store.layers:
         mined = mine_layer(cfg.mining, study, layer, reuse=True, progress=True)
         labels = layer_labels(cfg, study, mined, probe)
-        part = layer_pages(mined, study, cfg.mining.seed, names, folder, style, labels)
+        part = layer_pages(
+            mined, study, cfg.mining.seed, names, folder, style, labels, graph_layers
+        )
         content = SiteContent(
             content.title,
             [*content.concepts, *part.concepts],
@@ -107,6 +110,21 @@ def probe_set(cfg: DictConfig) -> Dataset | None:
             "a larger probe set or a smaller mining.n_refs"
         )
     return probe
+
+
+def checked_graph_layers(cfg: DictConfig, study: Study) -> list[str] | None:
+    """``atlas.graph_layers``, refused before any figure when it names a layer the model does
+    not have."""
+    if cfg.atlas.graph_layers is None:
+        return None
+    names = study.analyzer.graph.names()
+    unknown = [name for name in cfg.atlas.graph_layers if name not in names]
+    if unknown:
+        raise ValueError(
+            f"atlas.graph_layers names layers the model does not have: {unknown}; "
+            f"print(analyzer) lists them (here {len(names)}, e.g. {names[:3]})"
+        )
+    return list(cfg.atlas.graph_layers)
 
 
 def layer_labels(
@@ -148,9 +166,12 @@ def layer_pages(
     folder: Path,
     style: FigureStyle,
     labels: ConceptLabels | None = None,
+    graph_layers: list[str] | None = None,
 ) -> SiteContent:
     """A layer's figures (map, class importance, prototypes, ablation, concept sheets) and its
-    part of the site; with ``labels``, each concept's label on its sheet and entry."""
+    part of the site; with ``labels``, each concept's label on its sheet and entry;
+    ``graph_layers``: the layers the sheets' attribution graphs decompose into (None: every
+    conv and dense layer)."""
     layer, stats, sim = mined.layer, mined.stats, mined.similarity
     stem = f"{folder / layer}"
     views = reference_views(study, mined.relmax), reference_views(study, mined.actmax)
@@ -178,6 +199,7 @@ def layer_pages(
             folder,
             style,
             labels and labels.of(c),
+            graph_layers,
         )
         for c in tqdm(chosen, desc=f"concept sheets {layer}", unit="concept")
     ]
@@ -219,10 +241,11 @@ def concept_entry(
     folder: Path,
     style: FigureStyle,
     label: tuple[str, float] | None = None,
+    graph_layers: list[str] | None = None,
 ) -> ConceptEntry:
     """A concept's sheet (RelMax and ActMax crops from ``views``, the classes using it, the
-    attribution graph on its best reference; its label and score when given) and its atlas
-    entry."""
+    attribution graph on its best reference, into ``graph_layers``; its label and score when
+    given) and its atlas entry."""
     j, layer = mined.column(concept), mined.layer
     used = [
         (names[y], float(mined.stats.usage[concept, y]))
@@ -232,7 +255,13 @@ def concept_entry(
     x = gather(study.dataset, [best]).images
     target, held = int(mined.relmax.classes[0, j]), layer_concept(study.store, layer)[1]
     graph = ct.attribution_graph(
-        study.analyzer, x, layer, concept, target=target, concepts={layer: held}
+        study.analyzer,
+        x,
+        layer,
+        concept,
+        target=target,
+        layers=graph_layers,
+        concepts={layer: held},
     )
     relmax, actmax = list(views[0].crops[:, j]), list(views[1].crops[:, j])
     text = f"{label[0]} ({label[1]:.2f})" if label else ""

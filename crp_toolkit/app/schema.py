@@ -101,6 +101,7 @@ class AtlasConfig:
     palette: str = "tab10"  # categories (concepts in an atlas, clusters)
     inputs: list[int] = field(default_factory=lambda: list(range(4)))  # glocal figures
     concepts: int = 4  # concepts per input in the glocal figures
+    graph_layers: list[str] | None = None  # attribution graphs' layers; None: conv and dense
     html: bool = True
     probe: Any = None  # a dataset config: labels from this annotated probe set (None: the data's)
 
