@@ -30,6 +30,23 @@ FASHION_OVERRIDES = (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# Small settings of the later stages for end-to-end CLI runs on 40 images of the concept world.
+TINY_RUN = (
+    "analysis.limit=40",
+    "store.chunk=20",
+    "explain.indices=[0]",
+    "mining.n_refs=3",
+    "mining.concepts=2",
+    "mining.prototypes=1",
+    "mining.clusters=2",
+    "mining.ablation_samples=4",
+    "mining.ablation_steps=2",
+    "atlas.inputs=[0]",
+    "atlas.concepts=1",
+    "evaluate.top=1",
+    "evaluate.n_refs=3",
+    "evaluate.watermark_top=2",
+)
 # Fixtures that read FASHION_DIR; tests using them (directly or through other fixtures) or
 # marked ``fashion`` need it.
 FASHION_FIXTURES = {"fashion_model", "fashion_data"}

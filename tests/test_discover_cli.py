@@ -13,7 +13,7 @@ from html import escape
 import numpy as np
 import pytest
 import zarr
-from conftest import cli
+from conftest import TINY_RUN, cli
 
 import crp_toolkit as ct
 from crp_toolkit.data.training import load_world_model
@@ -23,21 +23,8 @@ from crp_toolkit.store.bases import list_bases, load_basis
 from crp_toolkit.store.results import list_results
 
 TINY = (
-    "analysis.limit=40",
-    "store.chunk=20",
+    *TINY_RUN,
     "concepts.layers=[features.12]",
-    "explain.indices=[0]",
-    "mining.n_refs=3",
-    "mining.concepts=2",
-    "mining.prototypes=1",
-    "mining.clusters=2",
-    "mining.ablation_samples=4",
-    "mining.ablation_steps=2",
-    "atlas.inputs=[0]",
-    "atlas.concepts=1",
-    "evaluate.top=1",
-    "evaluate.n_refs=3",
-    "evaluate.watermark_top=2",
     "discover.methods=[pca]",
     "discover.n_concepts=4",
     "discover.positions=4",
@@ -160,6 +147,14 @@ def test_the_atlas_labels_concepts_from_a_separate_probe_set(run_dir, tmp_path):
         for c in concepts:
             name, score = expected.of(c)
             assert f"<td>{escape(f'{name} ({score:.2f})')}</td>" in index, (layer, c)
+    # kept in the store: a second atlas with the same probe set reads them back
+    assert {"probe_labels/features.12", f"probe_labels/{BASIS}"} <= set(list_results(store))
+    again = cli(
+        "atlas", f"hydra.run.dir={tmp_path / 'again'}", f"store.path={store}", *TINY, *PROBE
+    )
+    assert again.returncode == 0, again.stderr
+    assert "probe labels features.12" not in again.stderr
+    assert (tmp_path / "again" / "atlas" / "index.html").read_text() == index
 
 
 def test_a_probe_set_without_masks_is_refused_before_any_figure(run_dir, tmp_path):

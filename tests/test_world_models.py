@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import cli
+from conftest import TINY_RUN, cli
 from hydra import compose, initialize_config_module
 
 import crp_toolkit as ct
@@ -56,20 +56,7 @@ def vit_run(tmp_path_factory):
         "run",
         f"hydra.run.dir={out}",
         "model=concept_world_vit",
-        "analysis.limit=40",
-        "store.chunk=20",
-        "explain.indices=[0]",
-        "mining.n_refs=3",
-        "mining.concepts=2",
-        "mining.prototypes=1",
-        "mining.clusters=2",
-        "mining.ablation_samples=4",
-        "mining.ablation_steps=2",
-        "atlas.inputs=[0]",
-        "atlas.concepts=1",
-        "evaluate.top=1",
-        "evaluate.n_refs=3",
-        "evaluate.watermark_top=2",
+        *TINY_RUN,
         "discover.methods=[nmf]",
         "discover.n_concepts=4",
         "discover.positions=4",

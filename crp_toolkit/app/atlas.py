@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -49,7 +49,7 @@ from crp_toolkit.mining.labels import (
     ConceptLabels,
     check_probe_set,
     concept_labels,
-    probe_labels,
+    stored_probe_labels,
 )
 from crp_toolkit.mining.localise import localise_references
 from crp_toolkit.mining.references import reference_samples
@@ -131,16 +131,16 @@ def layer_labels(
     cfg: DictConfig, study: Study, mined: MinedLayer, probe: Dataset | None = None
 ) -> ConceptLabels | None:
     """Labels of the layer's concepts with references: from the annotated ``probe`` set when
-    given (each concept's own RelMax references there, one CRP pass over it), else from the
+    given (each concept's own RelMax references there, one CRP pass over it; kept in the
+    store and reused while the probe set, concepts and references are the same), else from the
     pages' references when the dataset has named masks (else None)."""
     if probe is not None:
-        layer, concept = layer_concept(study.store, mined.layer)
-        return probe_labels(
-            study.analyzer,
-            layer,
+        return stored_probe_labels(
+            study,
+            mined.layer,
             probe,
+            OmegaConf.to_yaml(cfg.atlas.probe),
             concepts=mined.concepts,
-            concept=concept,
             n_refs=cfg.mining.n_refs,
             batch_size=cfg.loader.batch_size,
             progress=True,

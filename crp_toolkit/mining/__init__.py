@@ -5,7 +5,13 @@ recovery of ground-truth concepts."""
 from crp_toolkit.engine.receptive_field import ReceptiveField, receptive_field
 from crp_toolkit.mining.ablation import AblationCurves, ablation_curves, read_ablation
 from crp_toolkit.mining.discovery import DiscoveryScores, score_discovery
-from crp_toolkit.mining.labels import ConceptLabels, concept_labels, probe_labels
+from crp_toolkit.mining.labels import (
+    ConceptLabels,
+    ProbeLabels,
+    concept_labels,
+    probe_labels,
+    stored_probe_labels,
+)
 from crp_toolkit.mining.localise import LocalisedReferences, localise_references
 from crp_toolkit.mining.prototypes import Prototypes, fit_prototypes
 from crp_toolkit.mining.recovery import Recovery, recovery, recovery_markdown
@@ -42,6 +48,8 @@ __all__ = [
     "class_statistics",
     "concept_labels",
     "probe_labels",
+    "ProbeLabels",
+    "stored_probe_labels",
     "concept_similarity",
     "fit_prototypes",
     "load_result",

@@ -8,13 +8,14 @@ other annotated dataset can be the probe set too (:func:`probe_labels`): the ref
 then found in it by one CRP pass. The
 overlap of a concept with a name is the mean relevance mass accuracy of its references' heatmaps
 on that name's masks (see ``crp_toolkit.mining.discovery``). Labels are kept in the store
-(``derived/labels/<layer>``), keyed by the references they were read from.
+(``derived/labels/<layer>``), keyed by the references they were read from; labels from a probe
+set beside them (``derived/probe_labels/<layer>``), keyed by the probe set.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -31,8 +32,10 @@ from crp_toolkit.mining.discovery import base_dataset, ground_truth, has_ground_
 from crp_toolkit.mining.localise import LocalisedReferences, localise_references
 from crp_toolkit.mining.references import references_by
 from crp_toolkit.mining.statistics import load_result, save_result
+from crp_toolkit.store.bases import layer_concept
 from crp_toolkit.store.study import Study
 from crp_toolkit.store.tables import Spec
+from crp_toolkit.store.zarr_store import dataset_fingerprint
 
 RELMAX = Spec("relevance", "sum", True)  # RelMax: normalised relevance summed over space
 
@@ -106,6 +109,16 @@ class ConceptLabels:
         return self.names[int(self.label[j])], float(self.score[j])
 
 
+@dataclass(frozen=True)
+class ProbeLabels(ConceptLabels):
+    """:class:`ConceptLabels` read from a separate annotated probe set, kept beside the store's
+    own labels (``derived/probe_labels/<layer>``)."""
+
+    @property
+    def name(self) -> str:
+        return f"probe_labels/{self.layer}"
+
+
 def concept_labels(
     study: Study,
     layer: str,
@@ -175,7 +188,46 @@ def probe_labels(
     )
     label = accuracy.argmax(1)
     score = accuracy[np.arange(len(ids)), label]
-    return ConceptLabels(layer, list(names), np.asarray(ids), label, score, accuracy)
+    return ProbeLabels(layer, list(names), np.asarray(ids), label, score, accuracy)
+
+
+def stored_probe_labels(
+    study: Study,
+    layer: str,
+    probe: Dataset,
+    description: str,
+    *,
+    concepts: Sequence[int] | None = None,
+    n_refs: int = 8,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> ProbeLabels:
+    """:func:`probe_labels` of the study's analyzer, kept in the study's store under
+    ``derived/probe_labels/<layer>`` and read back when made from the same probe set (its
+    fingerprint from ``description`` and samples), concepts and ``n_refs``. ``layer``: a layer
+    of the store, a learned basis's concept layer (``features.12@nmf16``) included."""
+    key = {
+        "probe": dataset_fingerprint(probe, description),
+        "concepts": None if concepts is None else [int(c) for c in concepts],
+        "n_refs": int(n_refs),
+    }
+    found = load_result(study.store, ProbeLabels, f"probe_labels/{layer}", key)
+    if found is not None:
+        return found
+    model_layer, concept = layer_concept(study.store, layer)
+    labels = probe_labels(
+        study.analyzer,
+        model_layer,
+        probe,
+        concepts=concepts,
+        concept=concept,
+        n_refs=n_refs,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    labels = replace(labels, layer=layer)
+    save_result(study.store, labels, key)
+    return labels
 
 
 def _concept_count(analyzer: LRP, layer: str, concept: Concept | None, x: Tensor) -> int:
