@@ -65,6 +65,15 @@ def test_an_unknown_stage_prints_the_usage():
     assert "stages: explain" in run.stderr
 
 
+def test_hydra_flags_keep_their_values(tmp_path):
+    """``--cfg job`` prints the composed config (the stage and overrides in it) and runs
+    nothing; the flag's value is not taken for an override."""
+    run = cli("explain", "--cfg", "job", f"hydra.run.dir={tmp_path}", "explain.indices=[3]")
+    assert run.returncode == 0, run.stderr
+    assert "stage: explain" in run.stdout and "- 3" in run.stdout
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.fashion
 def test_the_fashion_fixture_runs_through_the_same_command_line(tmp_path):
     """A user's own model class and .npz data, given only by config overrides."""

@@ -25,6 +25,30 @@ def _run(cfg: DictConfig) -> None:
     stages.run(cfg)
 
 
+# Hydra's flags that take a value as the next argument (``--cfg job``, ``-cn my_config``)
+VALUE_FLAGS = frozenset(
+    ["--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"]
+    + ["--config-dir", "-cd", "--experimental-rerun", "--info", "-i"]
+)
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags (``--multirun``, ``--cfg job``: each with its value) apart from the
+    ``key=value`` overrides, so the stage can be put between them."""
+    flags, rest, i = [], [], 0
+    while i < len(args):
+        if not args[i].startswith("-"):
+            rest.append(args[i])
+        else:
+            flags.append(args[i])
+            value = i + 1 < len(args) and not args[i + 1].startswith("-")
+            if args[i] in VALUE_FLAGS and value and "=" not in args[i + 1]:
+                flags.append(args[i + 1])
+                i += 1
+        i += 1
+    return flags, rest
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -40,8 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         if (Path.cwd() / "conf").is_dir()
         else []
     )
-    flags = [a for a in overrides if a.startswith("-")]  # --multirun, --cfg job, ...
-    rest = [a for a in overrides if not a.startswith("-")]
+    flags, rest = split_flags(overrides)
     sys.argv = [sys.argv[0], *flags, f"stage={stage}", *search, *rest]
     matplotlib.use("Agg")  # figures render headless; a library import leaves the backend alone
     _run()
