@@ -80,12 +80,16 @@ class LRP:
             (rule.reads_inputs(layer), rule.reads_output(layer))
             for layer, rule in zip(self.graph.layers, self.rules, strict=True)
         ]
+        self._passes = [
+            rule.passes_to(layer) for layer, rule in zip(self.graph.layers, self.rules, strict=True)
+        ]
         self._pools = {
             layer.node: layer
             for layer in self.graph.layers
             if layer.op.reports_indices(layer.module)
         }
-        self._needed: dict[int, set[fx.Node]] = {}  # by the layer the relevance pass stops at
+        # by the layer the relevance pass stops at and the layers kept
+        self._needed: dict[tuple[int, frozenset[int]], set[fx.Node]] = {}
         self._last_uses = _last_uses(self.graph.module.graph)
 
     # -- forward -----------------------------------------------------------------------------
@@ -97,14 +101,18 @@ class LRP:
         ``reuse``: several relevance passes will follow (nothing is freed, denominators are
         cached); ``keep``: layer indices whose outputs must survive (recorded activations);
         ``above``: the relevance pass will stop at this layer (``propagate(stop=above)``), so
-        what only the layers up to it would read is freed as in a plain forward.
+        what only the layers up to it would read is freed as in a plain forward. Relevance
+        passes over the result start at the output or at layers in ``keep``: what only layers
+        that relevance cannot reach from there would read is freed too.
         """
         _check_input(x, self.graph)
         _check_eval_mode(self.model)
         graph, gm = self.graph, self.graph.module
-        if above not in self._needed:
-            self._needed[above] = _needed_values(graph, self._reads, above)
-        needed = self._needed[above] | {graph.layers[i].node for i in keep}
+        keep = frozenset(keep)
+        if (above, keep) not in self._needed:
+            reached = _reached(graph, self._passes, {graph.output_layer, *keep})
+            self._needed[above, keep] = _needed_values(graph, self._reads, reached, above)
+        needed = self._needed[above, keep] | {graph.layers[i].node for i in keep}
         values: dict[fx.Node, object] = {graph.input_node: x.detach()}
         pooled: dict[int, tuple[Tensor, torch.Size]] = {}
         with torch.no_grad():
@@ -294,17 +302,27 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     return out
 
 
+def _reached(graph: Graph, passes: Sequence[tuple[int, ...]], starts: set[int]) -> set[int]:
+    """Layers that relevance starting at ``starts`` can arrive at, as the rules declare
+    (``passes``: per layer, the positions of the inputs its rule hands relevance to)."""
+    reached = set(starts)
+    for layer in reversed(graph.layers):  # execution order: inputs come before their readers
+        if layer.index in reached:
+            reached.update(layer.inputs[k] for k in passes[layer.index])
+    return reached
+
+
 def _needed_values(
-    graph: Graph, reads: Sequence[tuple[bool, bool]], above: int = -1
+    graph: Graph, reads: Sequence[tuple[bool, bool]], reached: set[int], above: int = -1
 ) -> set[fx.Node]:
-    """fx nodes whose values the relevance pass (through the layers above index ``above``)
-    reads, as the rules declare (``reads``: per layer, its inputs? its output?); the rest are
-    freed during forward."""
+    """fx nodes whose values the relevance pass (through the ``reached`` layers above index
+    ``above``) reads, as the rules declare (``reads``: per layer, its inputs? its output?);
+    the rest are freed during forward."""
     layer_nodes = {layer.node for layer in graph.layers}
     needed = {n for n in graph.module.graph.nodes if n not in layer_nodes}  # shapes, constants
     needed.add(graph.layers[graph.output_layer].node)
     for layer, (reads_inputs, reads_output) in zip(graph.layers, reads, strict=True):
-        if layer.index <= above:
+        if layer.index <= above or layer.index not in reached:
             continue
         if reads_inputs:
             needed.update(layer.node.all_input_nodes)

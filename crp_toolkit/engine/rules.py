@@ -94,6 +94,12 @@ class Rule:
         """Whether ``relevance_in`` reads the layer's own output (else it may be freed)."""
         return False
 
+    def passes_to(self, layer: Layer) -> tuple[int, ...]:
+        """Positions of the layer's inputs that ``relevance_in`` may hand relevance to; it
+        returns None for every other one. The forward pass keeps nothing for a layer that
+        relevance cannot reach this way (CP-LRP's attention scores)."""
+        return tuple(range(len(layer.inputs)))
+
     def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
         """Relevance (K, B, ...) at each input of the layer given ``R`` at its output; None
         for an input that gets none."""
@@ -437,6 +443,10 @@ class ConstantWeightsRule(Rule):
 
     def reads_output(self, layer: Layer) -> bool:
         return self.reads_inputs(layer)
+
+    def passes_to(self, layer: Layer) -> tuple[int, ...]:
+        """Only the factor that is not the attention weights, of ``A @ v``."""
+        return (1 - layer.gate,) if self.reads_inputs(layer) else ()
 
     def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
         layer = values.layer
