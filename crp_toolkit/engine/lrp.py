@@ -77,7 +77,7 @@ class LRP:
         self._nonnegative = _nonnegative_layers(self.graph)
         self._params = _ParamCache()
         self._reads = [
-            (rule.reads_inputs(layer), rule.reads_output(layer))
+            (rule.reads_inputs(layer), rule.reads_output(layer), rule.reads_input_values(layer))
             for layer, rule in zip(self.graph.layers, self.rules, strict=True)
         ]
         self._passes = [
@@ -88,8 +88,9 @@ class LRP:
             for layer in self.graph.layers
             if layer.op.reports_indices(layer.module)
         }
-        # by the layer the relevance pass stops at and the layers kept
-        self._needed: dict[tuple[int, frozenset[int]], set[fx.Node]] = {}
+        # (values kept, values read only for their shapes), by the layer the relevance pass
+        # stops at and the layers kept
+        self._needed: dict[tuple[int, frozenset[int]], tuple[set[fx.Node], set[fx.Node]]] = {}
         self._last_uses = _last_uses(self.graph.module.graph)
 
     # -- forward -----------------------------------------------------------------------------
@@ -103,16 +104,16 @@ class LRP:
         ``above``: the relevance pass will stop at this layer (``propagate(stop=above)``), so
         what only the layers up to it would read is freed as in a plain forward. Relevance
         passes over the result start at the output or at layers in ``keep``: what only layers
-        that relevance cannot reach from there would read is freed too.
+        that relevance cannot reach from there would read is freed too, and what is read only
+        for its shape is kept as a one-element stand-in of that shape.
         """
         _check_input(x, self.graph)
         _check_eval_mode(self.model)
         graph, gm = self.graph, self.graph.module
         keep = frozenset(keep)
         if (above, keep) not in self._needed:
-            reached = _reached(graph, self._passes, {graph.output_layer, *keep})
-            self._needed[above, keep] = _needed_values(graph, self._reads, reached, above)
-        needed = self._needed[above, keep] | {graph.layers[i].node for i in keep}
+            self._needed[above, keep] = self._kept_nodes(above, keep)
+        needed, shaped = self._needed[above, keep]
         values: dict[fx.Node, object] = {graph.input_node: x.detach()}
         pooled: dict[int, tuple[Tensor, torch.Size]] = {}
         with torch.no_grad():
@@ -127,10 +128,21 @@ class LRP:
                         f"{node.op} {node.target!r} failed with: {err}"
                     ) from err
                 for done in self._last_uses.get(node, ()):
-                    if done not in needed:
+                    if done in shaped:
+                        values[done] = _stand_in(values[done])
+                    elif done not in needed:
                         values.pop(done, None)
         output = values[graph.layers[graph.output_layer].node]
         return ForwardPass(graph, values, output, reuse, pooled=pooled)  # type: ignore[arg-type]
+
+    def _kept_nodes(self, above: int, keep: frozenset[int]) -> tuple[set[fx.Node], set[fx.Node]]:
+        """(nodes whose values a forward pass keeps, nodes kept only as shape stand-ins) for
+        relevance passes from the output or a ``keep`` layer down to layer ``above``."""
+        graph = self.graph
+        reached = _reached(graph, self._passes, {graph.output_layer, *keep})
+        needed, shaped = _needed_values(graph, self._reads, reached, above)
+        needed |= {graph.layers[i].node for i in keep}
+        return needed, shaped - needed - {graph.input_node}
 
     def _run_forward(self, node: fx.Node, values, pooled, above: int) -> object:
         """One node of the forward pass; max-pooling modules the relevance pass will reach
@@ -192,7 +204,7 @@ class LRP:
     def relevance_in(self, fp: ForwardPass, layer: Layer, R: Tensor) -> list[Tensor | None]:
         """Relevance at each input of ``layer`` given relevance ``R`` at its output: the
         layer's rule computes it from what the forward pass kept for it."""
-        reads_inputs, reads_output = self._reads[layer.index]
+        reads_inputs, reads_output, _ = self._reads[layer.index]
         values = LayerValues(
             layer=layer,
             inputs=fp.inputs(layer) if reads_inputs else [],
@@ -313,22 +325,31 @@ def _reached(graph: Graph, passes: Sequence[tuple[int, ...]], starts: set[int]) 
 
 
 def _needed_values(
-    graph: Graph, reads: Sequence[tuple[bool, bool]], reached: set[int], above: int = -1
-) -> set[fx.Node]:
+    graph: Graph, reads: Sequence[tuple[bool, bool, bool]], reached: set[int], above: int = -1
+) -> tuple[set[fx.Node], set[fx.Node]]:
     """fx nodes whose values the relevance pass (through the ``reached`` layers above index
-    ``above``) reads, as the rules declare (``reads``: per layer, its inputs? its output?);
-    the rest are freed during forward."""
+    ``above``) reads, and those whose shapes it reads, as the rules declare (``reads``: per
+    layer, its inputs? its output? the inputs' values?); the rest are freed during forward."""
     layer_nodes = {layer.node for layer in graph.layers}
     needed = {n for n in graph.module.graph.nodes if n not in layer_nodes}  # shapes, constants
     needed.add(graph.layers[graph.output_layer].node)
-    for layer, (reads_inputs, reads_output) in zip(graph.layers, reads, strict=True):
+    shaped: set[fx.Node] = set()
+    for layer, (reads_inputs, reads_output, values) in zip(graph.layers, reads, strict=True):
         if layer.index <= above or layer.index not in reached:
             continue
         if reads_inputs:
-            needed.update(layer.node.all_input_nodes)
+            (needed if values else shaped).update(layer.node.all_input_nodes)
         if reads_output:
             needed.add(layer.node)
-    return needed
+    return needed, shaped - needed
+
+
+def _stand_in(value: object) -> object:
+    """Zeros of ``value``'s shape, dtype and device on one element of storage: all a rule
+    that reads only shapes sees of a tensor."""
+    if isinstance(value, Tensor):
+        return value.new_zeros(()).expand(value.shape)
+    return value
 
 
 def _nonnegative_layers(graph: Graph) -> set[int]:

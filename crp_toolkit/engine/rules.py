@@ -94,6 +94,11 @@ class Rule:
         """Whether ``relevance_in`` reads the layer's own output (else it may be freed)."""
         return False
 
+    def reads_input_values(self, layer: Layer) -> bool:
+        """Whether, of the inputs it reads, ``relevance_in`` reads the values (else only their
+        shapes, dtypes and devices: the forward pass keeps one-element stand-ins for them)."""
+        return True
+
     def passes_to(self, layer: Layer) -> tuple[int, ...]:
         """Positions of the layer's inputs that ``relevance_in`` may hand relevance to; it
         returns None for every other one. The forward pass keeps nothing for a layer that
@@ -296,6 +301,10 @@ class PassRule(Rule):
 
     def reads_inputs(self, layer: Layer) -> bool:
         return not (layer.op.elementwise or layer.op.reports_indices(layer.module))
+
+    def reads_input_values(self, layer: Layer) -> bool:
+        """Routing by reshape, re-indexing or a gate needs only the inputs' shapes."""
+        return not layer.op.routes_by_shape()
 
     def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
         layer = values.layer
