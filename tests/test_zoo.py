@@ -35,8 +35,8 @@ from crp_toolkit.engine.rules import PassRule, stabilize
 FLOAT32_ABOVE = 400_000_000  # parameters
 # dtype -> the output's rtol and atol against the model's own, the conservation tolerance.
 # Measured per-layer conservation errors: about 2e-16 (float64) and 6e-8 (float32) of the
-# relevance reaching a layer (vit_b_32, regnet_y_400mf, vit_h_14). The model's own forward may
-# take torch's fused attention, the traced one the explicit ops: on vit_h_14 in float32 the
+# relevance reaching a layer (vit_b_32, regnet_y_400mf, vit_h_14). The model's own forward runs
+# nn.MultiheadAttention's kernels, the traced one the explicit ops: on vit_h_14 in float32 the
 # logits (up to 6.8) differ by up to 6e-6, hence float32's atol.
 TOLERANCE = {torch.float64: (1e-10, 1e-12, 1e-9), torch.float32: (1e-5, 1e-4, 1e-5)}
 ALL = torchvision.models.list_models(module=torchvision.models)
