@@ -129,7 +129,7 @@ class LRP:
                     ) from err
                 for done in self._last_uses.get(node, ()):
                     if done in shaped:
-                        values[done] = _stand_in(values[done])
+                        values[done] = _stand_in(values[done])  # type: ignore[arg-type]
                     elif done not in needed:
                         values.pop(done, None)
         output = values[graph.layers[graph.output_layer].node]
@@ -344,12 +344,10 @@ def _needed_values(
     return needed, shaped - needed
 
 
-def _stand_in(value: object) -> object:
+def _stand_in(value: Tensor) -> Tensor:
     """Zeros of ``value``'s shape, dtype and device on one element of storage: all a rule
     that reads only shapes sees of a tensor."""
-    if isinstance(value, Tensor):
-        return value.new_zeros(()).expand(value.shape)
-    return value
+    return value.new_zeros(()).expand(value.shape)
 
 
 def _nonnegative_layers(graph: Graph) -> set[int]:
