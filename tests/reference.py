@@ -69,8 +69,11 @@ def calibrate_bn(model: nn.Module, shape: tuple[int, ...], batches: int = 3, see
     relevance. With statistics of the actual activations the signal keeps its scale.
     Modifies ``model`` in place and returns it in eval mode.
     """
+    batchnorms = _batchnorms(model)
+    if not batchnorms:  # nothing to calibrate (ViTs): skip the forward passes
+        return model.eval()
     generator = torch.Generator().manual_seed(seed)
-    for bn in _batchnorms(model):
+    for bn in batchnorms:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative moving average
     model.train()

@@ -345,6 +345,26 @@ def test_transformer_presets_conserve_on_a_bias_free_vit(preset) -> None:
         assert torch.isfinite(total).all()
 
 
+def test_cplrp_keeps_nothing_for_the_attention_scores_and_explains_bit_for_bit() -> None:
+    """Under CP-LRP no relevance reaches ``q k^T``, its scaling or the softmax (the rules say
+    so with ``passes_to``, and hand those inputs None), so the forward pass frees the scores
+    once the softmax has run; the relevance is bit for bit that of a pass keeping every
+    layer's output (where every layer may be a start of a relevance pass)."""
+    analyzer = ct.LRP(small_vit_b_16(), ct.composites.CPLRP())
+    layers = analyzer.graph.layers
+    x = torch.randn(2, 3, 32, 32, dtype=DT, generator=torch.Generator().manual_seed(1))
+    lean, full = analyzer.forward(x), analyzer.forward(x, keep=range(len(layers)))
+    scores = [la for la in layers if la.kind == "matmul" and la.gate is None]
+    assert len(scores) == 12 and not any(la.node in lean.values for la in scores)
+    init = {analyzer.graph.output_layer: torch.ones_like(lean.output)[None]}
+    for layer, rule in zip(layers, analyzer.rules, strict=True):  # the declarations hold
+        given = analyzer.relevance_in(full, layer, torch.ones_like(full.value(layer.index))[None])
+        passes = rule.passes_to(layer)
+        assert all(r is None for k, r in enumerate(given) if k not in passes), layer.name
+    ours, theirs = (analyzer.propagate(fp, init)[0][-1] for fp in (lean, full))
+    assert torch.equal(ours, theirs)
+
+
 def test_presets_print_their_rules() -> None:
     text = repr(ct.composites.AttnLRP(gamma=0.25))
     assert "SoftmaxRule()" in text and "UniformRule(stabilizer=1e-06)" in text

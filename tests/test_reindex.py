@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.shufflenetv2 import ShuffleNetV2
+from torchvision.models.swin_transformer import SwinTransformer
 
 import crp_toolkit as ct
 from crp_toolkit.engine.composites import Composite, GlobalMap, NameMap, TypeMap
@@ -179,6 +180,34 @@ def test_cnn_with_permutes_and_shuffles_conserves(make: Callable[[], nn.Module])
         assert torch.equal(expl.output, model(x))
     total = expl.relevance.sum((1, 2, 3))
     assert torch.allclose(total, torch.ones(2, dtype=DT), atol=1e-8)
+
+
+def small_swin() -> nn.Module:
+    """torchvision's Swin (shifted windows: roll, pad, partition, patch merging), 2 stages."""
+    torch.manual_seed(0)
+    model = SwinTransformer([4, 4], 16, [2, 2], [2, 2], [4, 4], num_classes=7)
+    return model.to(DT).eval()
+
+
+@pytest.mark.parametrize("make", [small_convnext, small_shufflenet, small_swin])
+def test_values_read_only_for_their_shape_are_stand_ins(make: Callable[[], nn.Module]) -> None:
+    """Routing ops (re-indexing, reshape, gates) read only their inputs' shapes, so where
+    nothing else reads a tensor (ShuffleNet's concatenation before the shuffle, Swin's rolled
+    and padded maps) the forward pass keeps a one-element stand-in; the relevance is bit for
+    bit that of a pass keeping every layer's output."""
+    analyzer = ct.LRP(ct.canonize(make()), ct.composites.CPLRP())
+    x = torch.randn(2, 3, 32, 32, dtype=DT)
+    lean = analyzer.forward(x)
+    full = analyzer.forward(x, keep=range(len(analyzer.graph.layers)))
+    stand_ins = [
+        v
+        for v in lean.values.values()
+        if isinstance(v, Tensor) and v.numel() > 1 and v.untyped_storage().nbytes() == v.itemsize
+    ]
+    assert stand_ins
+    init = {analyzer.graph.output_layer: torch.ones_like(lean.output)[None]}
+    ours, theirs = (analyzer.propagate(fp, init)[0][-1] for fp in (lean, full))
+    assert torch.equal(ours, theirs)
 
 
 def test_channel_first_layernorm_is_traced_through() -> None:

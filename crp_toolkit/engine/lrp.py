@@ -77,15 +77,20 @@ class LRP:
         self._nonnegative = _nonnegative_layers(self.graph)
         self._params = _ParamCache()
         self._reads = [
-            (rule.reads_inputs(layer), rule.reads_output(layer))
+            (rule.reads_inputs(layer), rule.reads_output(layer), rule.reads_input_values(layer))
             for layer, rule in zip(self.graph.layers, self.rules, strict=True)
+        ]
+        self._passes = [
+            rule.passes_to(layer) for layer, rule in zip(self.graph.layers, self.rules, strict=True)
         ]
         self._pools = {
             layer.node: layer
             for layer in self.graph.layers
             if layer.op.reports_indices(layer.module)
         }
-        self._needed: dict[int, set[fx.Node]] = {}  # by the layer the relevance pass stops at
+        # (values kept, values read only for their shapes), by the layer the relevance pass
+        # stops at and the layers kept
+        self._needed: dict[tuple[int, frozenset[int]], tuple[set[fx.Node], set[fx.Node]]] = {}
         self._last_uses = _last_uses(self.graph.module.graph)
 
     # -- forward -----------------------------------------------------------------------------
@@ -97,14 +102,18 @@ class LRP:
         ``reuse``: several relevance passes will follow (nothing is freed, denominators are
         cached); ``keep``: layer indices whose outputs must survive (recorded activations);
         ``above``: the relevance pass will stop at this layer (``propagate(stop=above)``), so
-        what only the layers up to it would read is freed as in a plain forward.
+        what only the layers up to it would read is freed as in a plain forward. Relevance
+        passes over the result start at the output or at layers in ``keep``: what only layers
+        that relevance cannot reach from there would read is freed too, and what is read only
+        for its shape is kept as a one-element stand-in of that shape.
         """
         _check_input(x, self.graph)
         _check_eval_mode(self.model)
         graph, gm = self.graph, self.graph.module
-        if above not in self._needed:
-            self._needed[above] = _needed_values(graph, self._reads, above)
-        needed = self._needed[above] | {graph.layers[i].node for i in keep}
+        keep = frozenset(keep)
+        if (above, keep) not in self._needed:
+            self._needed[above, keep] = self._kept_nodes(above, keep)
+        needed, shaped = self._needed[above, keep]
         values: dict[fx.Node, object] = {graph.input_node: x.detach()}
         pooled: dict[int, tuple[Tensor, torch.Size]] = {}
         with torch.no_grad():
@@ -119,10 +128,21 @@ class LRP:
                         f"{node.op} {node.target!r} failed with: {err}"
                     ) from err
                 for done in self._last_uses.get(node, ()):
-                    if done not in needed:
+                    if done in shaped:
+                        values[done] = _stand_in(values[done])  # type: ignore[arg-type]
+                    elif done not in needed:
                         values.pop(done, None)
         output = values[graph.layers[graph.output_layer].node]
         return ForwardPass(graph, values, output, reuse, pooled=pooled)  # type: ignore[arg-type]
+
+    def _kept_nodes(self, above: int, keep: frozenset[int]) -> tuple[set[fx.Node], set[fx.Node]]:
+        """(nodes whose values a forward pass keeps, nodes kept only as shape stand-ins) for
+        relevance passes from the output or a ``keep`` layer down to layer ``above``."""
+        graph = self.graph
+        reached = _reached(graph, self._passes, {graph.output_layer, *keep})
+        needed, shaped = _needed_values(graph, self._reads, reached, above)
+        needed |= {graph.layers[i].node for i in keep}
+        return needed, shaped - needed - {graph.input_node}
 
     def _run_forward(self, node: fx.Node, values, pooled, above: int) -> object:
         """One node of the forward pass; max-pooling modules the relevance pass will reach
@@ -184,7 +204,7 @@ class LRP:
     def relevance_in(self, fp: ForwardPass, layer: Layer, R: Tensor) -> list[Tensor | None]:
         """Relevance at each input of ``layer`` given relevance ``R`` at its output: the
         layer's rule computes it from what the forward pass kept for it."""
-        reads_inputs, reads_output = self._reads[layer.index]
+        reads_inputs, reads_output, _ = self._reads[layer.index]
         values = LayerValues(
             layer=layer,
             inputs=fp.inputs(layer) if reads_inputs else [],
@@ -294,23 +314,40 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     return out
 
 
+def _reached(graph: Graph, passes: Sequence[tuple[int, ...]], starts: set[int]) -> set[int]:
+    """Layers that relevance starting at ``starts`` can arrive at, as the rules declare
+    (``passes``: per layer, the positions of the inputs its rule hands relevance to)."""
+    reached = set(starts)
+    for layer in reversed(graph.layers):  # execution order: inputs come before their readers
+        if layer.index in reached:
+            reached.update(layer.inputs[k] for k in passes[layer.index])
+    return reached
+
+
 def _needed_values(
-    graph: Graph, reads: Sequence[tuple[bool, bool]], above: int = -1
-) -> set[fx.Node]:
-    """fx nodes whose values the relevance pass (through the layers above index ``above``)
-    reads, as the rules declare (``reads``: per layer, its inputs? its output?); the rest are
-    freed during forward."""
+    graph: Graph, reads: Sequence[tuple[bool, bool, bool]], reached: set[int], above: int = -1
+) -> tuple[set[fx.Node], set[fx.Node]]:
+    """fx nodes whose values the relevance pass (through the ``reached`` layers above index
+    ``above``) reads, and those whose shapes it reads, as the rules declare (``reads``: per
+    layer, its inputs? its output? the inputs' values?); the rest are freed during forward."""
     layer_nodes = {layer.node for layer in graph.layers}
     needed = {n for n in graph.module.graph.nodes if n not in layer_nodes}  # shapes, constants
     needed.add(graph.layers[graph.output_layer].node)
-    for layer, (reads_inputs, reads_output) in zip(graph.layers, reads, strict=True):
-        if layer.index <= above:
+    shaped: set[fx.Node] = set()
+    for layer, (reads_inputs, reads_output, values) in zip(graph.layers, reads, strict=True):
+        if layer.index <= above or layer.index not in reached:
             continue
         if reads_inputs:
-            needed.update(layer.node.all_input_nodes)
+            (needed if values else shaped).update(layer.node.all_input_nodes)
         if reads_output:
             needed.add(layer.node)
-    return needed
+    return needed, shaped - needed
+
+
+def _stand_in(value: Tensor) -> Tensor:
+    """Zeros of ``value``'s shape, dtype and device on one element of storage: all a rule
+    that reads only shapes sees of a tensor."""
+    return value.new_zeros(()).expand(value.shape)
 
 
 def _nonnegative_layers(graph: Graph) -> set[int]:

@@ -45,6 +45,11 @@ class Op:
         """Whether the forward pass records this layer's max-pooling winners (see MaxPool)."""
         return False
 
+    def routes_by_shape(self) -> bool:
+        """Whether ``route`` reads only the inputs' shapes, dtypes and devices, not their
+        values (so the forward pass need not keep them)."""
+        return False
+
     def transpose(
         self, grad: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate, gate: int | None = None
     ) -> list[Tensor | None]:
@@ -63,6 +68,9 @@ class Reshape(Op):
 
     transpose = route
 
+    def routes_by_shape(self) -> bool:
+        return True
+
 
 @dataclass(frozen=True)
 class Reindex(Op):
@@ -77,6 +85,10 @@ class Reindex(Op):
         return selection_transpose(evaluate, inputs, R)
 
     transpose = route
+
+    def routes_by_shape(self) -> bool:
+        """The transpose is taken at zeros shaped like the inputs."""
+        return True
 
 
 def selection_transpose(
@@ -175,6 +187,10 @@ class Gate(Op):
         out: list[Tensor | None] = [None, None]
         out[1 - gate] = R
         return out
+
+    def routes_by_shape(self) -> bool:
+        """The gate is known from tracing, or told by the factors' sizes."""
+        return True
 
 
 _WINDOW_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)

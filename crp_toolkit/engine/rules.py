@@ -94,6 +94,17 @@ class Rule:
         """Whether ``relevance_in`` reads the layer's own output (else it may be freed)."""
         return False
 
+    def reads_input_values(self, layer: Layer) -> bool:
+        """Whether, of the inputs it reads, ``relevance_in`` reads the values (else only their
+        shapes, dtypes and devices: the forward pass keeps one-element stand-ins for them)."""
+        return True
+
+    def passes_to(self, layer: Layer) -> tuple[int, ...]:
+        """Positions of the layer's inputs that ``relevance_in`` may hand relevance to; it
+        returns None for every other one. The forward pass keeps nothing for a layer that
+        relevance cannot reach this way (CP-LRP's attention scores)."""
+        return tuple(range(len(layer.inputs)))
+
     def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
         """Relevance (K, B, ...) at each input of the layer given ``R`` at its output; None
         for an input that gets none."""
@@ -291,6 +302,10 @@ class PassRule(Rule):
     def reads_inputs(self, layer: Layer) -> bool:
         return not (layer.op.elementwise or layer.op.reports_indices(layer.module))
 
+    def reads_input_values(self, layer: Layer) -> bool:
+        """Routing by reshape, re-indexing or a gate needs only the inputs' shapes."""
+        return not layer.op.routes_by_shape()
+
     def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
         layer = values.layer
         if layer.op.elementwise:
@@ -437,6 +452,10 @@ class ConstantWeightsRule(Rule):
 
     def reads_output(self, layer: Layer) -> bool:
         return self.reads_inputs(layer)
+
+    def passes_to(self, layer: Layer) -> tuple[int, ...]:
+        """Only the factor that is not the attention weights, of ``A @ v``."""
+        return (1 - layer.gate,) if self.reads_inputs(layer) else ()
 
     def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
         layer = values.layer
