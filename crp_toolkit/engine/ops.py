@@ -243,7 +243,19 @@ class Dense(Op):
     def transpose_params(
         self, grad: Tensor, x: Tensor, module: nn.Module, weight: Tensor
     ) -> Tensor:
-        return grad @ weight
+        live = live_features(grad)
+        return grad @ weight if live is None else grad[..., live] @ weight[live]
+
+
+def live_features(grad: Tensor, most: float = 0.75) -> Tensor | None:
+    """The output features (last axis) where ``grad`` is non-zero anywhere, or None when more
+    than ``most`` of them are: a dense layer's transpose then multiplies only those rows of
+    its weight (CP-LRP hands the fused q, k, v projection relevance for v alone; a channel
+    concept of a dense layer one feature), the same sum without its zero terms."""
+    live = grad.reshape(-1, grad.shape[-1]).ne(0).any(0)
+    if live.sum() > most * live.numel():
+        return None
+    return live.nonzero().squeeze(1)
 
 
 @dataclass(frozen=True)

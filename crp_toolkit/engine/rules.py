@@ -335,14 +335,13 @@ class LayerNormRule(Rule):
         x = values.inputs[0]
         norm = _norm_of(values)
         dims = tuple(range(-len(norm.shape), 0))
-        if norm.centered:
-            mean = x.mean(dims, keepdim=True)
-            sigma = (x.var(dims, unbiased=False, keepdim=True) + norm.eps).sqrt()
+        if norm.centered:  # the forward's kernel: its output and 1 / sigma in one pass
+            y, _, rstd = torch.native_layer_norm(x, norm.shape, norm.weight, norm.bias, norm.eps)
+            gain = norm.weight * rstd if norm.weight is not None else rstd
         else:
-            mean = 0.0
             sigma = (x.pow(2).mean(dims, keepdim=True) + norm.eps).sqrt()
-        gain = norm.weight / sigma if norm.weight is not None else 1.0 / sigma
-        y = (x - mean) * gain + (norm.bias if norm.bias is not None else 0.0)
+            gain = norm.weight / sigma if norm.weight is not None else 1.0 / sigma
+            y = x * gain + (norm.bias if norm.bias is not None else 0.0)
         u = R / stabilize(y, self.stabilizer) * gain
         return [x * (u - u.mean(dims, keepdim=True)) if norm.centered else x * u]
 
