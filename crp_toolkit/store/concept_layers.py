@@ -19,14 +19,13 @@ import zarr
 
 from crp_toolkit.concepts.basis import SEPARATOR
 from crp_toolkit.store.integrity import (
-    COMPRESSOR,
     DIGEST_BYTES,
     WRITE_ALL,
     unit_digest,
     unit_file,
     unit_problems,
 )
-from crp_toolkit.store.zarr_store import Layout
+from crp_toolkit.store.zarr_store import Layout, new_array
 
 STATS = ("relevance", "rel_max", "act_max", "act_mean", "act_argmax")
 UNIT = (*STATS, "normaliser")  # the arrays a unit writes, each (sample, ...) rows
@@ -56,13 +55,14 @@ def concept_group(
     group = root.create_group(path)
     n, chunk = layout.n_samples, layout.chunk
     for stat in STATS:
-        _array(group, stat, (n, concepts), (chunk, concepts), DTYPES[stat], ["sample", "concept"])
-    _array(group, "normaliser", (n,), (chunk,), "float32", ["sample"])
-    _array(group, "sample", (n,), (chunk,), "int64", ["sample"])[:] = np.arange(n)
-    _array(group, "concept", (concepts,), (concepts,), "int64", ["concept"])[:] = np.arange(
-        concepts
-    )
-    _array(group, "done", (layout.n_chunks,), (1,), "bool", ["chunk"])
+        new_array(
+            group, stat, (n, concepts), (chunk, concepts), DTYPES[stat], ["sample", "concept"]
+        )
+    new_array(group, "normaliser", (n,), (chunk,), "float32", ["sample"])
+    new_array(group, "sample", (n,), (chunk,), "int64", ["sample"])[:] = np.arange(n)
+    ids = np.arange(concepts)
+    new_array(group, "concept", (concepts,), (concepts,), "int64", ["concept"])[:] = ids
+    new_array(group, "done", (layout.n_chunks,), (1,), "bool", ["chunk"])
     _ensure_digests(group, layout)
     group.attrs["basis"] = digest
     return group
@@ -71,19 +71,7 @@ def concept_group(
 def _ensure_digests(group: zarr.Group, layout: Layout) -> None:
     if "digest" not in group:
         shape, chunks = (layout.n_chunks, DIGEST_BYTES), (1, DIGEST_BYTES)
-        _array(group, "digest", shape, chunks, "uint8", ["chunk", "byte"])
-
-
-def _array(group: zarr.Group, key: str, shape, chunks, dtype, dims) -> zarr.Array:
-    return group.create_array(
-        key,
-        shape=shape,
-        chunks=chunks,
-        dtype=dtype,
-        dimension_names=dims,
-        compressors=COMPRESSOR,
-        config=WRITE_ALL,
-    )
+        new_array(group, "digest", shape, chunks, "uint8", ["chunk", "byte"])
 
 
 def write_unit(

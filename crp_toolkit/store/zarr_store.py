@@ -290,7 +290,9 @@ def dataset_fingerprint(dataset, description: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _array(group: zarr.Group, path: str, shape, chunks, dtype, dims, fill=0) -> zarr.Array:
+def new_array(group: zarr.Group, path: str, shape, chunks, dtype, dims, fill=0) -> zarr.Array:
+    """An array of the store: named dimensions, zstd with a content checksum, every chunk
+    written (an all-zero chunk too, so a missing file always means damage)."""
     return group.create_array(
         path,
         shape=shape,
@@ -305,32 +307,28 @@ def _array(group: zarr.Group, path: str, shape, chunks, dtype, dims, fill=0) -> 
 
 def _coordinates(group: zarr.Group, layout: Layout) -> None:
     """The labels of the store's dimensions, as xarray coordinates (written once)."""
-    n, c = layout.n_samples, layout.chunk
-    samples = np.arange(n, dtype=np.int64)
-    _array(group, "samples/sample", (n,), (c,), "int64", ["sample"])[:] = samples
+
+    def coordinate(path: str, values: np.ndarray, dim: str, chunk: int | None = None) -> None:
+        text = values.dtype == object
+        dtype, fill = (str, "") if text else (values.dtype, 0)
+        chunks = (chunk or len(values),)
+        new_array(group, path, values.shape, chunks, dtype, [dim], fill)[:] = values
+
+    samples = np.arange(layout.n_samples, dtype=np.int64)
     names = layout.class_names or tuple(str(k) for k in range(layout.classes))
-    _array(group, "samples/class", (layout.classes,), (layout.classes,), str, ["class"], "")[:] = (
-        np.array(names, dtype=object)
-    )
+    coordinate("samples/sample", samples, "sample", layout.chunk)
+    coordinate("samples/class", np.array(names, dtype=object), "class")
     spec_names = np.array([spec.name for spec in SPECS], dtype=object)
     for name, shape in layout.layers.items():
-        _array(group, f"layers/{name}/sample", (n,), (c,), "int64", ["sample"])[:] = samples
         concepts = np.arange(shape[0], dtype=np.int64)
-        _array(group, f"layers/{name}/concept", (shape[0],), (shape[0],), "int64", ["concept"])[
-            :
-        ] = concepts
+        coordinate(f"layers/{name}/sample", samples, "sample", layout.chunk)
+        coordinate(f"layers/{name}/concept", concepts, "concept")
         if layout.options.tables:
-            tables, chunks = f"layers/{name}/tables", layout.n_chunks
-            ids = np.arange(chunks, dtype=np.int64)
-            _array(group, f"{tables}/chunk_index", (chunks,), (chunks,), "int64", ["chunk_index"])[
-                :
-            ] = ids
-            _array(group, f"{tables}/spec", (len(SPECS),), (len(SPECS),), str, ["spec"], "")[:] = (
-                spec_names
-            )
-            _array(group, f"{tables}/concept", (shape[0],), (shape[0],), "int64", ["concept"])[
-                :
-            ] = concepts
+            tables = f"layers/{name}/tables"
+            chunk_ids = np.arange(layout.n_chunks, dtype=np.int64)
+            coordinate(f"{tables}/chunk_index", chunk_ids, "chunk_index")
+            coordinate(f"{tables}/spec", spec_names, "spec")
+            coordinate(f"{tables}/concept", concepts, "concept")
 
 
 def store_path_problem(path: str | Path) -> str | None:
@@ -396,15 +394,15 @@ def _create(path: Path, layout: Layout, attrs: Mapping) -> None:
     group = zarr.open_group(path, mode="w")
     n, c = layout.n_samples, layout.chunk
     for array, (per_sample, dtype, dims) in layout.arrays().items():
-        _array(group, array, (n, *per_sample), (c, *per_sample), dtype, list(dims))
+        new_array(group, array, (n, *per_sample), (c, *per_sample), dtype, list(dims))
     for array, (per_chunk, dtype, dims, fill) in layout.chunk_arrays().items():
         whole, chunks = (layout.n_chunks, *per_chunk), (1, *per_chunk)
-        _array(group, array, whole, chunks, dtype, list(dims), fill)
+        new_array(group, array, whole, chunks, dtype, list(dims), fill)
     _coordinates(group, layout)
     # one zarr chunk per work unit, so writers of different units never share a file
-    _array(group, "progress/done", (layout.n_chunks,), (1,), "bool", ["chunk"])
+    new_array(group, "progress/done", (layout.n_chunks,), (1,), "bool", ["chunk"])
     digests = (layout.n_chunks, DIGEST_BYTES)
-    _array(group, "progress/digest", digests, (1, DIGEST_BYTES), "uint8", ["chunk", "byte"])
+    new_array(group, "progress/digest", digests, (1, DIGEST_BYTES), "uint8", ["chunk", "byte"])
     group.attrs.update(dict(attrs))
 
 
