@@ -31,16 +31,19 @@ FASHION_OVERRIDES = (
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small settings of the later stages for end-to-end CLI runs on 40 images of the concept world.
-TINY_RUN = (
-    "analysis.limit=40",
-    "store.chunk=20",
-    "explain.indices=[0]",
+TINY_MINING = (
     "mining.n_refs=3",
     "mining.concepts=2",
     "mining.prototypes=1",
     "mining.clusters=2",
     "mining.ablation_samples=4",
     "mining.ablation_steps=2",
+)
+TINY_RUN = (
+    "analysis.limit=40",
+    "store.chunk=20",
+    "explain.indices=[0]",
+    *TINY_MINING,
     "atlas.inputs=[0]",
     "atlas.concepts=1",
     "evaluate.top=1",

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
-from conftest import cli
+from conftest import TINY_MINING, cli
 from PIL import Image
 
 import crp_toolkit as ct
@@ -161,12 +161,7 @@ def test_class_names_with_dollars_go_through_explain_and_the_atlas(tmp_path, mon
         "explain.indices=[0,3,6,9]",
         "concepts.layers=[features.12]",
         "store.chunk=9",
-        "mining.n_refs=3",
-        "mining.concepts=2",
-        "mining.prototypes=1",
-        "mining.clusters=2",
-        "mining.ablation_samples=4",
-        "mining.ablation_steps=2",
+        *TINY_MINING,
         "atlas.inputs=[6]",
         "atlas.concepts=2",
         "atlas.formats=[svg]",
