@@ -21,16 +21,16 @@ BLOCK = "encoder.layers.encoder_layer_{}.add#2"
 
 
 @pytest.fixture(scope="module")
-def test_world():
+def held_out():
     return materialize(ConceptWorld(1200, seed=1))
 
 
 @pytest.mark.parametrize("architecture", ["cnn", "vit"])
-def test_the_shipped_models_classify_the_test_world(architecture, test_world):
+def test_the_shipped_models_classify_the_test_world(architecture, held_out):
     """Accuracy on the 1,200 test images (seed 1, never trained on); the README says 1.0 for
     the CNN and 0.98 for the ViT (measured when the weights were made)."""
     model = load_world_model(architecture=architecture)
-    assert accuracy(model, *test_world) >= 0.97
+    assert accuracy(model, *held_out) >= 0.97
 
 
 @pytest.mark.parametrize("architecture", ["cnn", "vit"])
