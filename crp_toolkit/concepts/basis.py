@@ -23,7 +23,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crp_toolkit.concepts.concepts import ChannelConcept, Concept, DirectionConcept, one_hot
+from crp_toolkit.concepts.concepts import (
+    ChannelConcept,
+    Concept,
+    DirectionConcept,
+    one_hot,
+    summed_over_positions,
+)
 from crp_toolkit.engine.rules import stabilize
 
 SEPARATOR = "@"
@@ -115,8 +121,7 @@ class BasisConcept(DirectionConcept):
         return torch.cat([per_direction, rest], 1), torch.cat([c, norm], 1)
 
     def relevance(self, R: Tensor, activation: Tensor) -> Tensor:
-        maps = self.maps(R, activation)[0]
-        return maps.flatten(2).sum(2) if maps.dim() > 2 else maps
+        return summed_over_positions(self.maps(R, activation)[0])
 
     def mask(self, ids, activation: Tensor) -> Tensor:
         basis = self.basis.to(activation)

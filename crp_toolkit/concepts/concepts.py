@@ -51,6 +51,11 @@ def one_hot(ids: Sequence[Sequence[Sequence[int]]], n: int, like: Tensor) -> Ten
     return out
 
 
+def summed_over_positions(values: Tensor) -> Tensor:
+    """Per-concept values (B, n, ...) summed over their positions: (B, n)."""
+    return values.flatten(2).sum(2) if values.dim() > 2 else values
+
+
 @dataclass(frozen=True)
 class ChannelConcept(Concept):
     """A concept is a channel: a conv channel over all positions, or a dense unit."""
@@ -59,7 +64,7 @@ class ChannelConcept(Concept):
         return activation.shape[1]
 
     def relevance(self, R: Tensor, activation: Tensor) -> Tensor:
-        return R.flatten(2).sum(2) if R.dim() > 2 else R
+        return summed_over_positions(R)
 
     def mask(self, ids, activation: Tensor) -> Tensor:
         m = one_hot(ids, activation.shape[1], activation)

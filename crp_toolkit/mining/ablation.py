@@ -26,6 +26,7 @@ from crp_toolkit.concepts.concepts import (
     Concept,
     feature_first,
     require_feature_axis,
+    summed_over_positions,
 )
 from crp_toolkit.engine.layout import feature_axes
 from crp_toolkit.engine.lrp import LRP
@@ -102,7 +103,7 @@ def concept_orders(
         values = (feature_first(expl.relevances[layer], axis, layer),)
         values += (feature_first(expl.activations[layer], axis, layer),)
         maps = concept_values(concept, *values)
-        parts.append([m.flatten(2).sum(2) if m.dim() > 2 else m for m in maps])
+        parts.append([summed_over_positions(m) for m in maps])
     orders = {
         name: np.argsort(-torch.cat(s).double().cpu().numpy(), axis=1, kind="stable")
         for name, s in zip(("relevance", "activation"), zip(*parts, strict=True), strict=True)

@@ -193,9 +193,9 @@ def conditional_maps(
         chosen = torch.as_tensor(np.asarray(concepts[part]), device=x.device)
         axis, grid = found.axes[index], found.grids[index]
         values = (result.relevances[layer], result.activations[layer])
-        relevance = concept_values(concept, *(spatial_view(t, axis, grid, layer) for t in values))[
-            0
-        ]
+        relevance, _ = concept_values(
+            concept, *(spatial_view(t, axis, grid, layer) for t in values)
+        )
         heat.append(result.heatmaps.float().cpu())
         maps.append(relevance[torch.arange(len(x), device=x.device), chosen].float().cpu())
         if bar is not None:

@@ -36,7 +36,12 @@ from crp_toolkit.concepts.basis import (
     ConceptBasis,
     split_concept_layer,
 )
-from crp_toolkit.concepts.concepts import ChannelConcept, Concept, feature_first
+from crp_toolkit.concepts.concepts import (
+    ChannelConcept,
+    Concept,
+    feature_first,
+    summed_over_positions,
+)
 from crp_toolkit.concepts.learning import LearnerOptions, check_method, learn_directions
 from crp_toolkit.data.loading import grouped
 from crp_toolkit.engine.layout import feature_axes, layouts
@@ -402,7 +407,7 @@ def basis_statistics(
     target = torch.as_tensor(study.classes(samples), device=device)
     activation, relevance = layer_values(study.analyzer, x, target, layer)
     rel_maps, act_maps = concept.maps(relevance, activation)
-    scores = rel_maps.flatten(2).sum(2) if rel_maps.dim() > 2 else rel_maps  # every token
+    scores = summed_over_positions(rel_maps)  # over every token
     grid = layouts(study.analyzer, x.shape[1:]).grids[study.analyzer.graph.index(layer)]
     if grid is not None:  # maxima and argmax over the patch grid, as for the layer's channels
         rel_maps, act_maps = grid.patches(rel_maps), grid.patches(act_maps)
