@@ -10,7 +10,9 @@ Methods:
   before each LXT call and undone right after (a few ``setattr``), so all methods alternate in
   one process and the other methods run the unpatched classes;
 * ``ours``: ``ct.LRP(model, ct.composites.CPLRP())`` (the same rules as LXT's with epsilon on
-  the dense layers) and ``ours_attnlrp`` (``AttnLRP()``), analyzers built once, untimed.
+  the dense layers), ``ours_keep`` (the same with ``recompute=False``: the forward pass keeps
+  every value a rule reads) and ``ours_attnlrp`` (``AttnLRP()``), analyzers built once,
+  untimed.
 
 Rounds alternate (gradient, lxt, ours, ours_attnlrp, gradient, ...) after a warm-up; medians are
 reported. Peak memory: on CUDA the extra ``max_memory_allocated`` of one call; on the CPU the
@@ -42,7 +44,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
 
-METHODS = ("gradient", "lxt", "ours", "ours_attnlrp")
+METHODS = ("gradient", "lxt", "ours", "ours_keep", "ours_attnlrp")
 MB = 2**20
 Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -95,8 +97,13 @@ def make_method(name: str, model: torch.nn.Module, epsilon: float = 1e-6) -> Fn:
                 return input_times_gradient(model, x, t, times=True)
 
         return lxt
-    composite = ct.composites.CPLRP if name == "ours" else ct.composites.AttnLRP
-    analyzer = ct.LRP(model, composite(epsilon=epsilon), normalize_output_relevance=False)
+    composite = ct.composites.AttnLRP if name == "ours_attnlrp" else ct.composites.CPLRP
+    analyzer = ct.LRP(
+        model,
+        composite(epsilon=epsilon),
+        normalize_output_relevance=False,
+        recompute=name != "ours_keep",
+    )
     return lambda x, t: analyzer(x, t).relevance
 
 

@@ -681,15 +681,20 @@ def test_a_rule_defined_outside_the_engine_explains_its_layers() -> None:
 
 
 def test_what_a_rule_reads_decides_what_the_forward_pass_keeps() -> None:
-    """The ReLU's output feeds only the toy rule, which reads no input: it is freed."""
+    """The ReLU's output feeds only the toy rule, which reads no input: it is freed and not
+    recomputed. Epsilon reads it: it is recomputed from the kept dense output, or kept."""
     model, x = _mlp(), torch.randn(3, 4, dtype=DT)
     relu = lambda an: an.graph.layers[1].node  # noqa: E731
     toy = ct.LRP(
         model, Composite(TypeMap({"linear": EpsilonRule()}), NameMap({"2": UniformRule()}))
     )
-    assert relu(toy) not in toy.forward(x).values
+    fp = toy.forward(x)
+    assert relu(toy) not in fp.values and relu(toy) not in fp.plan.recomputes
     epsilon = ct.LRP(model, Composite(TypeMap({"linear": EpsilonRule()})))
-    assert relu(epsilon) in epsilon.forward(x).values
+    fp = epsilon.forward(x)
+    assert relu(epsilon) not in fp.values and relu(epsilon) in fp.plan.recomputes
+    keeping = ct.LRP(model, Composite(TypeMap({"linear": EpsilonRule()})), recompute=False)
+    assert relu(keeping) in keeping.forward(x).values
 
 
 def test_a_rule_is_refused_on_layers_it_does_not_fit() -> None:

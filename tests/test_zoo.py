@@ -113,6 +113,8 @@ def test_every_torchvision_classifier_is_explained_and_conserves(name: str) -> N
         assert torch.allclose(expl.output, model(x), rtol=rtol, atol=atol)
     assert expl.relevance.shape == x.shape and torch.isfinite(expl.relevance).all()
     assert _unconserving_layers(analyzer, x, conservation) == []
+    keeping = ct.LRP(model, ct.composites.CPLRP(), recompute=False)  # recomputing changes no bit
+    assert torch.equal(expl.relevance, keeping(x).relevance)
 
 
 @torch.no_grad()

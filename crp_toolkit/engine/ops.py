@@ -28,12 +28,16 @@ class UnsupportedLayerError(TypeError):
 @dataclass(frozen=True)
 class Op:
     """An op kind. ``linear``: the output is a linear map of the inputs (plus bias), so the
-    term-based rules (epsilon, z+, ...) apply; ``elementwise``: PassRule returns R as is."""
+    term-based rules (epsilon, z+, ...) apply; ``elementwise``: PassRule returns R as is;
+    ``recomputable``: cheap next to dense layers and convolutions, so the relevance pass may
+    compute its output again instead of the forward pass keeping it (see
+    ``crp_toolkit.engine.memory``)."""
 
     kind: str
     linear: bool = False
     elementwise: bool = False
     parametric: bool = False
+    recomputable: bool = False
 
     def route(
         self, R: Tensor, inputs: Sequence[Tensor], evaluate: Evaluate, gate: int | None = None
@@ -334,18 +338,19 @@ def vjp(evaluate: Evaluate, inputs: Sequence[Tensor], grad: Tensor) -> list[Tens
     ]
 
 
-ELEMENTWISE = Op("activation", elementwise=True)
-BATCHNORM = Op("batchnorm", elementwise=True)
-LAYERNORM = Op("layernorm", elementwise=True)
-RESHAPE = Reshape("reshape", linear=True)
-CONCAT = Reindex("concat", linear=True)
-INDEX = Reindex("index", linear=True)
-SUM = Sum("add", linear=True)
-AVGPOOL = Op("avgpool", linear=True)
-MAXPOOL = MaxPool("maxpool")
-SOFTMAX = Op("softmax")
-MATMUL = Op("matmul")  # products of two activations (attention scores, attention times v)
-GATE = Gate("gate")
+ELEMENTWISE = Op("activation", elementwise=True, recomputable=True)
+BATCHNORM = Op("batchnorm", elementwise=True, recomputable=True)
+LAYERNORM = Op("layernorm", elementwise=True, recomputable=True)
+RESHAPE = Reshape("reshape", linear=True, recomputable=True)
+CONCAT = Reindex("concat", linear=True, recomputable=True)
+INDEX = Reindex("index", linear=True, recomputable=True)
+SUM = Sum("add", linear=True, recomputable=True)
+AVGPOOL = Op("avgpool", linear=True, recomputable=True)
+MAXPOOL = MaxPool("maxpool", recomputable=True)
+SOFTMAX = Op("softmax", recomputable=True)
+# products of two activations (attention scores, attention times v)
+MATMUL = Op("matmul", recomputable=True)
+GATE = Gate("gate", recomputable=True)
 GATE_SOURCES = (nn.Sigmoid, nn.Hardsigmoid, torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid")
 DENSE = Dense("linear", linear=True, parametric=True)
 CONV = Conv("conv", linear=True, parametric=True)

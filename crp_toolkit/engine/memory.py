@@ -1,0 +1,167 @@
+"""The memory plan of a forward pass: which tensors it keeps for the relevance pass, which it
+keeps only as shapes, and which the relevance pass recomputes from kept ones.
+
+Rules declare what they read (``Rule.reads_inputs``, ``reads_output``, ``reads_input_values``)
+and where they send relevance (``Rule.passes_to``); from that alone the plan frees, during the
+forward pass, every value no relevance pass will read. A value that is read but cheap to
+compute again (an op declared ``Op.recomputable``: activations, norms, re-indexing, sums,
+softmax, products of activations) from values that are kept anyway is not kept either: the
+relevance pass recomputes it when a rule first asks for it and drops it after its last
+reader, as activation checkpointing does, but only where that adds no kept tensor. Dense and
+convolution outputs, recorded layers and the model's output are always kept. Every value a
+rule sees is the one the forward pass computed (same op, same inputs), so the relevance is
+bit for bit that of a pass that keeps everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from torch import Tensor
+
+from crp_toolkit.engine.graph import Graph
+
+# How many recomputed values that rules read may lie on one chain of recomputation: a value is
+# recomputed only from kept values and from at most three other recomputed values rules read,
+# which bounds the extra work and how long recomputed values are held.
+MAX_READ_ON_CHAIN = 3
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What one forward pass leaves: ``kept`` values, values kept as one-element ``shaped``
+    stand-ins, and the values the relevance pass ``recomputes`` (each mapped to the nodes to
+    run for it, in order); ``last_reader``: the layer after which a recomputed value is
+    dropped (relevance runs from high layer indices to low)."""
+
+    kept: frozenset[fx.Node]
+    shaped: frozenset[fx.Node]
+    recomputes: dict[fx.Node, tuple[fx.Node, ...]] = field(default_factory=dict)
+    last_reader: dict[fx.Node, int] = field(default_factory=dict)
+
+    def dropped_after(self) -> dict[int, list[fx.Node]]:
+        """Recomputed values by the layer after which they are dropped."""
+        out: dict[int, list[fx.Node]] = {}
+        for node, index in self.last_reader.items():
+            out.setdefault(index, []).append(node)
+        return out
+
+
+def memory_plan(
+    graph: Graph,
+    reads: Sequence[tuple[bool, bool, bool]],
+    passes: Sequence[tuple[int, ...]],
+    *,
+    starts: Collection[int],
+    above: int = -1,
+    recompute: bool = True,
+) -> MemoryPlan:
+    """The plan for relevance passes that start at ``starts`` (the output layer and recorded
+    layers, whose values are kept) and stop at layer ``above``; ``reads``: per layer, whether
+    its rule reads its inputs, its output, the inputs' values; ``passes``: per layer, the
+    positions of the inputs its rule hands relevance to. ``recompute=False`` keeps every
+    value that is read (several relevance passes will follow)."""
+    reached = reached_layers(graph, passes, set(starts))
+    readers = _readers(graph, reads, reached, above)
+    needed = {n for n, (_, values) in readers.items() if values}
+    protected = {graph.layers[i].node for i in starts}
+    layer_nodes = {layer.node for layer in graph.layers}
+    always = {n for n in graph.module.graph.nodes if n not in layer_nodes}  # shapes, constants
+    recomputed = _recomputable(graph, needed, protected) if recompute else set()
+    read_recomputed = needed & recomputed
+    shaped = set(readers) - needed - always - protected
+    return MemoryPlan(
+        kept=frozenset(always | protected | (needed - recomputed)),
+        shaped=frozenset(shaped),
+        recomputes={n: _program(n, recomputed) for n in read_recomputed},
+        last_reader={n: readers[n][0] for n in read_recomputed},
+    )
+
+
+def reached_layers(graph: Graph, passes: Sequence[tuple[int, ...]], starts: set[int]) -> set[int]:
+    """Layers that relevance starting at ``starts`` can arrive at, as the rules declare
+    (``passes``: per layer, the positions of the inputs its rule hands relevance to)."""
+    reached = set(starts)
+    for layer in reversed(graph.layers):  # execution order: inputs come before their readers
+        if layer.index in reached:
+            reached.update(layer.inputs[k] for k in passes[layer.index])
+    return reached
+
+
+def _readers(
+    graph: Graph, reads: Sequence[tuple[bool, bool, bool]], reached: set[int], above: int
+) -> dict[fx.Node, tuple[int, bool]]:
+    """For each fx node a relevance pass through the ``reached`` layers above ``above``
+    reads: (the lowest layer index reading it, whether any reader needs its values rather
+    than only its shape)."""
+    out: dict[fx.Node, tuple[int, bool]] = {}
+
+    def read(node: fx.Node, index: int, values: bool) -> None:
+        lowest, had_values = out.get(node, (index, False))
+        out[node] = (min(lowest, index), had_values or values)
+
+    for layer, (reads_inputs, reads_output, values) in zip(graph.layers, reads, strict=True):
+        if layer.index <= above or layer.index not in reached:
+            continue
+        if reads_inputs:
+            for node in layer.node.all_input_nodes:
+                read(node, layer.index, values)
+        if reads_output:
+            read(layer.node, layer.index, True)
+    out.pop(graph.input_node, None)  # the input is always kept
+    return out
+
+
+def _recomputable(graph: Graph, needed: set[fx.Node], protected: set[fx.Node]) -> set[fx.Node]:
+    """Layer nodes whose values can be recomputed from kept values: recomputable ops, other
+    than the ``protected`` layers (always kept), whose inputs are kept (the input, constants,
+    protected layers, ``needed`` ones, read by a rule, unless recomputed themselves) or
+    recomputable, with at most ``MAX_READ_ON_CHAIN`` needed values recomputed on the way."""
+    layers = {layer.node: layer for layer in graph.layers}
+    chain: dict[fx.Node, int] = {}  # recomputable node -> needed recomputed values below it
+    for node in graph.module.graph.nodes:  # execution order
+        layer = layers.get(node)
+        if layer is None or node in protected or not layer.op.recomputable:
+            continue
+        depth, possible = 0, True
+        for source in node.all_input_nodes:
+            if source in chain:
+                depth = max(depth, chain[source] + (source in needed))
+            elif source in layers and source not in needed and source not in protected:
+                possible = False  # freed by the forward pass
+        if possible and depth <= MAX_READ_ON_CHAIN:
+            chain[node] = depth
+    return set(chain)
+
+
+def _program(node: fx.Node, recomputed: set[fx.Node]) -> tuple[fx.Node, ...]:
+    """The recomputed nodes to run, in execution order, to recompute ``node``."""
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(s for s in current.all_input_nodes if s in recomputed)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return tuple(sorted(seen, key=order.__getitem__))
+
+
+def last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """For each node, the nodes whose last forward use it is (so they can be freed)."""
+    seen: set[fx.Node] = set()
+    out: dict[fx.Node, list[fx.Node]] = {}
+    for node in reversed(graph.nodes):
+        for source in node.all_input_nodes:
+            if source not in seen:
+                seen.add(source)
+                out.setdefault(node, []).append(source)
+    return out
+
+
+def stand_in(value: Tensor) -> Tensor:
+    """Zeros of ``value``'s shape, dtype and device on one element of storage: all a rule
+    that reads only shapes sees of a tensor."""
+    return value.new_zeros(()).expand(value.shape)
