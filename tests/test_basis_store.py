@@ -15,11 +15,11 @@ from omegaconf import OmegaConf
 
 import crp_toolkit as ct
 from crp_toolkit.app.context import open_store
-from crp_toolkit.concepts.basis import ConceptBasis
+from crp_toolkit.concepts.basis import ConceptBasis, split_concept_layer
 from crp_toolkit.concepts.conditional import CondAttribution
 from crp_toolkit.data.training import load_world_model
 from crp_toolkit.data.world import CONCEPTS, ConceptWorld
-from crp_toolkit.mining.ablation import ablation_curves
+from crp_toolkit.mining.ablation import ablation_curves, read_ablation
 from crp_toolkit.mining.labels import Overlap, concept_labels, probe_labels
 from crp_toolkit.mining.localise import localise_references
 from crp_toolkit.mining.recovery import (
@@ -35,6 +35,7 @@ from crp_toolkit.store.analysis import analyze_dataset
 from crp_toolkit.store.bases import (
     SamplingOptions,
     analyze_basis,
+    basis_result,
     discover_basis,
     list_bases,
     load_basis,
@@ -419,6 +420,18 @@ def test_ablating_basis_concepts_removes_their_components(study, concept_layer):
         scores = store.layer(concept_layer, stat)[:][found.samples]
         ranked = np.take_along_axis(scores, found.orders[o], 1)
         assert (np.diff(ranked, axis=1) <= 1e-4 * np.abs(scores).max()).all()
+
+
+def test_ablation_kept_for_a_basis_is_not_served_for_another_of_its_name(copied, concept_layer):
+    """Removing a basis and learning another under its name (another seed) leaves the kept
+    ablation curves of the old one unread: the key holds the directions' digest."""
+    ablation_curves(copied, concept_layer, samples=4, steps=2, progress=False)
+    assert read_ablation(copied, concept_layer) is not None
+    shutil.rmtree(copied.store.path / "derived" / basis_result(*split_concept_layer(concept_layer)))
+    sampling = SamplingOptions(positions=8, batch_size=16)
+    other = discover_basis(copied, LAYER, "nmf", 6, seed=1, sampling=sampling, progress=False)
+    assert save_basis(copied.store, other) == concept_layer
+    assert read_ablation(copied, concept_layer) is None
 
 
 def test_the_attribution_graph_decomposes_a_basis_concept(study, concept_layer):

@@ -81,6 +81,8 @@ def test_timm_transformer_is_explained_and_conserves(name: str) -> None:
         assert torch.allclose(expl.output, model(x), rtol=1e-12, atol=1e-12)
     total = expl.relevance.sum((1, 2, 3))
     assert torch.allclose(total, torch.ones(2, dtype=DT), atol=1e-8)
+    keeping = ct.LRP(model, ct.composites.CPLRP(epsilon=TINY), recompute=False)
+    assert torch.equal(expl.relevance, keeping(x).relevance)  # recomputing changes no bit
 
 
 @pytest.mark.parametrize("preset", [ct.composites.AttnLRP, ct.composites.CPLRP])

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import Tensor
 from tqdm import tqdm
 
-from crp_toolkit.concepts.basis import ablated, concept_values
+from crp_toolkit.concepts.basis import ablated, concept_values, split_concept_layer
 from crp_toolkit.concepts.concepts import (
     ChannelConcept,
     Concept,
@@ -30,7 +30,8 @@ from crp_toolkit.concepts.concepts import (
 )
 from crp_toolkit.engine.layout import feature_axes
 from crp_toolkit.engine.lrp import LRP
-from crp_toolkit.store.bases import layer_concept
+from crp_toolkit.store.bases import layer_concept, load_basis
+from crp_toolkit.store.concept_layers import basis_digest
 from crp_toolkit.store.results import read_result, write_result
 from crp_toolkit.store.study import Study
 from crp_toolkit.store.zarr_store import Store
@@ -236,8 +237,12 @@ def ablation_curves(
 
 
 def ablation_key(study: Study, layer: str, seed: int = 0) -> dict:
-    """What fixes the ablation curves of ``layer``."""
-    return {**study.key, "layer": layer, "seed": seed}
+    """What fixes the ablation curves of ``layer``: for a basis layer also its directions'
+    digest (a basis learned again under the same name after the old one was removed)."""
+    key = {**study.key, "layer": layer, "seed": seed}
+    if split_concept_layer(layer)[1] is not None:
+        key["basis"] = basis_digest(load_basis(study.store, layer).directions)
+    return key
 
 
 def read_ablation(study: Study, layer: str, seed: int = 0) -> AblationCurves | None:
