@@ -63,7 +63,7 @@ def memory_plan(
     its rule reads its inputs, its output, the inputs' values; ``passes``: per layer, the
     positions of the inputs its rule hands relevance to. ``recompute=False`` keeps every
     value that is read (several relevance passes will follow)."""
-    reached = reached_layers(graph, passes, set(starts))
+    reached = _reached(graph, passes, set(starts))
     readers = _readers(graph, reads, reached, above)
     needed = {n for n, (_, values) in readers.items() if values}
     protected = {graph.layers[i].node for i in starts}
@@ -80,7 +80,7 @@ def memory_plan(
     )
 
 
-def reached_layers(graph: Graph, passes: Sequence[tuple[int, ...]], starts: set[int]) -> set[int]:
+def _reached(graph: Graph, passes: Sequence[tuple[int, ...]], starts: set[int]) -> set[int]:
     """Layers that relevance starting at ``starts`` can arrive at, as the rules declare
     (``passes``: per layer, the positions of the inputs its rule hands relevance to)."""
     reached = set(starts)
