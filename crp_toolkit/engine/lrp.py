@@ -11,7 +11,6 @@ leading concept axis ``(K, B, ...)`` so many conditional relevances share one fo
 from __future__ import annotations
 
 import collections
-import functools
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,12 +78,8 @@ class ForwardPass:
 
     def release(self, index: int) -> None:
         """Drop the recomputed values whose last reader is layer ``index``."""
-        for node in self._dropped.get(index, ()):
+        for node in self.plan.dropped_after.get(index, ()):
             self.recomputed.pop(node, None)
-
-    @functools.cached_property
-    def _dropped(self) -> dict[int, list[fx.Node]]:
-        return self.plan.dropped_after()
 
 
 class LRP:

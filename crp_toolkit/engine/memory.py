@@ -34,19 +34,14 @@ class MemoryPlan:
     """What one forward pass leaves: ``kept`` values, values kept as one-element ``shaped``
     stand-ins, and the values the relevance pass ``recomputes`` (each mapped to the nodes to
     run for it, in order); ``last_reader``: the layer after which a recomputed value is
-    dropped (relevance runs from high layer indices to low)."""
+    dropped (relevance runs from high layer indices to low); ``dropped_after``: the same by
+    layer."""
 
     kept: frozenset[fx.Node]
     shaped: frozenset[fx.Node]
     recomputes: dict[fx.Node, tuple[fx.Node, ...]] = field(default_factory=dict)
     last_reader: dict[fx.Node, int] = field(default_factory=dict)
-
-    def dropped_after(self) -> dict[int, list[fx.Node]]:
-        """Recomputed values by the layer after which they are dropped."""
-        out: dict[int, list[fx.Node]] = {}
-        for node, index in self.last_reader.items():
-            out.setdefault(index, []).append(node)
-        return out
+    dropped_after: dict[int, list[fx.Node]] = field(default_factory=dict)
 
 
 def memory_plan(
@@ -69,14 +64,18 @@ def memory_plan(
     protected = {graph.layers[i].node for i in starts}
     layer_nodes = {layer.node for layer in graph.layers}
     always = {n for n in graph.module.graph.nodes if n not in layer_nodes}  # shapes, constants
-    recomputed = _recomputable(graph, needed, protected) if recompute else set()
-    read_recomputed = needed & recomputed
-    shaped = set(readers) - needed - always - protected
+    recomputed = _recomputable(graph, needed, protected) if recompute else {}
+    read_recomputed = [n for n in recomputed if n in needed]
+    last_reader = {n: readers[n][0] for n in read_recomputed}
+    dropped_after: dict[int, list[fx.Node]] = {}
+    for node, index in last_reader.items():
+        dropped_after.setdefault(index, []).append(node)
     return MemoryPlan(
-        kept=frozenset(always | protected | (needed - recomputed)),
-        shaped=frozenset(shaped),
+        kept=frozenset(always | protected | (needed - recomputed.keys())),
+        shaped=frozenset(set(readers) - needed - always - protected),
         recomputes={n: _program(n, recomputed) for n in read_recomputed},
-        last_reader={n: readers[n][0] for n in read_recomputed},
+        last_reader=last_reader,
+        dropped_after=dropped_after,
     )
 
 
@@ -114,11 +113,14 @@ def _readers(
     return out
 
 
-def _recomputable(graph: Graph, needed: set[fx.Node], protected: set[fx.Node]) -> set[fx.Node]:
+def _recomputable(
+    graph: Graph, needed: set[fx.Node], protected: set[fx.Node]
+) -> dict[fx.Node, int]:
     """Layer nodes whose values can be recomputed from kept values: recomputable ops, other
     than the ``protected`` layers (always kept), whose inputs are kept (the input, constants,
     protected layers, ``needed`` ones, read by a rule, unless recomputed themselves) or
-    recomputable, with at most ``MAX_READ_ON_CHAIN`` needed values recomputed on the way."""
+    recomputable, with at most ``MAX_READ_ON_CHAIN`` needed values recomputed on the way.
+    Returned in execution order, each with its position in that order."""
     layers = {layer.node: layer for layer in graph.layers}
     chain: dict[fx.Node, int] = {}  # recomputable node -> needed recomputed values below it
     for node in graph.module.graph.nodes:  # execution order
@@ -133,11 +135,12 @@ def _recomputable(graph: Graph, needed: set[fx.Node], protected: set[fx.Node]) -
                 possible = False  # freed by the forward pass
         if possible and depth <= MAX_READ_ON_CHAIN:
             chain[node] = depth
-    return set(chain)
+    return {node: position for position, node in enumerate(chain)}
 
 
-def _program(node: fx.Node, recomputed: set[fx.Node]) -> tuple[fx.Node, ...]:
-    """The recomputed nodes to run, in execution order, to recompute ``node``."""
+def _program(node: fx.Node, recomputed: dict[fx.Node, int]) -> tuple[fx.Node, ...]:
+    """The recomputed nodes to run, in execution order (``recomputed``: their positions in
+    it), to recompute ``node``."""
     seen: set[fx.Node] = set()
     todo = [node]
     while todo:
@@ -145,8 +148,7 @@ def _program(node: fx.Node, recomputed: set[fx.Node]) -> tuple[fx.Node, ...]:
         if current not in seen:
             seen.add(current)
             todo.extend(s for s in current.all_input_nodes if s in recomputed)
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    return tuple(sorted(seen, key=order.__getitem__))
+    return tuple(sorted(seen, key=recomputed.__getitem__))
 
 
 def last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
