@@ -703,3 +703,23 @@ def test_a_rule_is_refused_on_layers_it_does_not_fit() -> None:
         ct.LRP(model, Composite(TypeMap({"conv": UniformRule(), "linear": EpsilonRule()})))
     with pytest.raises(ct.UnsupportedLayerError, match=r"PassRule .*'2'.*weighted rule"):
         ct.LRP(model, Composite(TypeMap({"conv": EpsilonRule(), "linear": PassRule()})))
+
+
+@pytest.mark.parametrize(
+    "live, kind",
+    [(range(16, 24), slice), ([1, 5, 30], Tensor), ([], slice), (range(32), type(None))],
+)
+def test_a_dense_transpose_multiplies_only_the_live_features(live, kind) -> None:
+    """Relevance on some output features of a dense layer (v's third of a fused q, k, v
+    projection, a channel concept) multiplies only those rows of the weight, as a slice when
+    they are one run, and equals the full product; with most features live, all are used."""
+    from crp_toolkit.engine.ops import DENSE, live_features
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(32, 8, dtype=DT), torch.randn(3, 5, 8, dtype=DT)
+    grad = torch.zeros(1, 3, 5, 32, dtype=DT)
+    grad[..., list(live)] = torch.randn(1, 3, 5, len(live), dtype=DT)
+    grad[0, 0, 0] = 0.0  # a dead first row does not settle it
+    assert isinstance(live_features(grad), kind)
+    got = DENSE.transpose_params(grad, x, nn.Linear(8, 32), weight)
+    assert got.shape == (1, 3, 5, 8) and rel_err(got, grad @ weight) < 1e-13

@@ -251,15 +251,22 @@ class Dense(Op):
         return grad @ weight if live is None else grad[..., live] @ weight[live]
 
 
-def live_features(grad: Tensor, most: float = 0.75) -> Tensor | None:
-    """The output features (last axis) where ``grad`` is non-zero anywhere, or None when more
-    than ``most`` of them are: a dense layer's transpose then multiplies only those rows of
-    its weight (CP-LRP hands the fused q, k, v projection relevance for v alone; a channel
-    concept of a dense layer one feature), the same sum without its zero terms."""
-    live = grad.reshape(-1, grad.shape[-1]).ne(0).any(0)
-    if live.sum() > most * live.numel():
+def live_features(grad: Tensor, most: float = 0.75) -> slice | Tensor | None:
+    """The output features (last axis) where ``grad`` is non-zero anywhere, as a slice when
+    they are one run, or None when more than ``most`` of them are: a dense layer's transpose
+    then multiplies only those rows of its weight (timm's fused q, k, v projection gets
+    relevance for v alone under CP-LRP; a channel concept of a dense layer one feature), the
+    same sum without its zero terms. One row with that many live features settles it
+    without reading the rest."""
+    flat = grad.reshape(-1, grad.shape[-1])
+    width = flat.shape[1]
+    if flat.shape[0] == 0 or int(flat[0].count_nonzero()) > most * width:
         return None
-    return live.nonzero().squeeze(1)
+    live = flat.any(0).nonzero().squeeze(1)
+    if len(live) > most * width:
+        return None
+    first, last = (int(i) for i in live[[0, -1]]) if len(live) else (0, -1)
+    return slice(first, last + 1) if last - first + 1 == len(live) else live
 
 
 @dataclass(frozen=True)
