@@ -240,6 +240,7 @@ class LRP:
             fp.release(index)
         return pending, recorded
 
+    @torch.no_grad()
     def relevance_in(self, fp: ForwardPass, layer: Layer, R: Tensor) -> list[Tensor | None]:
         """Relevance at each input of ``layer`` given relevance ``R`` at its output: the
         layer's rule computes it from what the forward pass kept for it."""

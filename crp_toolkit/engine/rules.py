@@ -35,6 +35,7 @@ from crp_toolkit.engine.terms import (
     ParamView,
     Part,
     Term,
+    divided,
     identity,
     negative,
     ones,
@@ -342,8 +343,10 @@ class LayerNormRule(Rule):
             sigma = (x.pow(2).mean(dims, keepdim=True) + norm.eps).sqrt()
             gain = norm.weight / sigma if norm.weight is not None else 1.0 / sigma
             y = x * gain + (norm.bias if norm.bias is not None else 0.0)
-        u = R / stabilize(y, self.stabilizer) * gain
-        return [x * (u - u.mean(dims, keepdim=True)) if norm.centered else x * u]
+        u = divided(R, stabilize(y, self.stabilizer)).mul_(gain)  # fresh: updated in place
+        if norm.centered:
+            u.sub_(u.mean(dims, keepdim=True))
+        return [u.mul_(x)]
 
 
 @dataclass(frozen=True)

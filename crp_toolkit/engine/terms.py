@@ -154,17 +154,18 @@ def relevance(
         stacked = _fuse([t for t in prepared if t is not None], layer)
         d = _denominator(values, part, p, stacked, stabilizer)
         R_part = R if part.select is None else R * part.select(values.output)
-        s = _divided(R_part, d, reuse=values.cache is None)
+        s = divided(R_part, d, fresh=values.cache is None)
         for term in stacked:
             for j, contribution in _contributions(values, term, s, part.coef * term.sign):
                 result[j] = contribution if result[j] is None else result[j] + contribution
     return result
 
 
-def _divided(R: Tensor, d: Tensor, *, reuse: bool) -> Tensor:
-    """``R / d``; written into ``d`` when it may be (``reuse``: a fresh denominator nobody
-    else holds, of the quotient's shape), which saves a buffer the size of the layer's output."""
-    if reuse and R.shape[0] == 1 and R.shape[1:] == d.shape and R.dtype == d.dtype:
+def divided(R: Tensor, d: Tensor, *, fresh: bool = True) -> Tensor:
+    """``R / d``, a fresh tensor; written into ``d`` when it may be (``fresh``: a denominator
+    nobody else holds, of the quotient's shape), which saves a buffer the size of the layer's
+    output."""
+    if fresh and R.shape[0] == 1 and R.shape[1:] == d.shape and R.dtype == d.dtype:
         return torch.div(R[0], d, out=d).unsqueeze(0)
     return R / d
 
