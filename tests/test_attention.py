@@ -223,15 +223,22 @@ def test_rms_norm_rule_equals_lxt() -> None:
 
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_explicit_attention_computes_the_modules_function(batch_first: bool) -> None:
+    """Self- and cross-attention; the q, k, v projections are slices of the packed weight,
+    sharing its memory, so they see every update of the module's parameters."""
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).to(DT).eval()
-    x = torch.randn(3, 4, 8, dtype=DT)
+    x, memory = torch.randn(3, 4, 8, dtype=DT), torch.randn(3, 4, 8, dtype=DT)
     explicit = ExplicitAttention(mha, "attention")
     with torch.no_grad():
-        want, want_weights = mha(x, x, x)
-        got, got_weights = explicit(x, x, x)
-    assert rel_err(got, want) < 1e-12 and rel_err(got_weights, want_weights) < 1e-12
-    assert explicit.in_proj.weight is mha.in_proj_weight and explicit.out_proj is mha.out_proj
+        for key in (x, memory):
+            want, want_weights = mha(x, key, key)
+            got, got_weights = explicit(x, key, key)
+            assert rel_err(got, want) < 1e-12 and rel_err(got_weights, want_weights) < 1e-12
+        mha.in_proj_weight.mul_(2)  # an update of the packed weight reaches the slices
+        assert rel_err(explicit(x, x, x)[0], mha(x, x, x)[0]) < 1e-12
+    thirds = zip((explicit.q_proj, explicit.k_proj, explicit.v_proj), mha.in_proj_weight.chunk(3))
+    assert all(p.weight.data_ptr() == w.data_ptr() for p, w in thirds)
+    assert explicit.out_proj is mha.out_proj
 
 
 @pytest.mark.parametrize("v2", [False, True])

@@ -83,6 +83,7 @@ def test_timm_transformer_is_explained_and_conserves(name: str) -> None:
     assert torch.allclose(total, torch.ones(2, dtype=DT), atol=1e-8)
     keeping = ct.LRP(model, ct.composites.CPLRP(epsilon=TINY), recompute=False)
     assert torch.equal(expl.relevance, keeping(x).relevance)  # recomputing changes no bit
+    assert torch.equal(analyzer(x).relevance, expl.relevance)  # planned with the sizes known
 
 
 @pytest.mark.parametrize("preset", [ct.composites.AttnLRP, ct.composites.CPLRP])

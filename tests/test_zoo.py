@@ -115,6 +115,7 @@ def test_every_torchvision_classifier_is_explained_and_conserves(name: str) -> N
     assert _unconserving_layers(analyzer, x, conservation) == []
     keeping = ct.LRP(model, ct.composites.CPLRP(), recompute=False)  # recomputing changes no bit
     assert torch.equal(expl.relevance, keeping(x).relevance)
+    assert torch.equal(analyzer(x).relevance, expl.relevance)  # planned with the sizes known
 
 
 @torch.no_grad()

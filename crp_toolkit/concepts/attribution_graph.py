@@ -131,7 +131,7 @@ def _held_concepts(
             "one per layer"
         )
     root_index = graph.index(split_concept_layer(root)[0])
-    indices = _concept_layers(graph, axes, layers) | {root_index} | set(given)
+    indices = _concept_layers(analyzer, axes, layers) | {root_index} | set(given)
     held = {}
     for i in indices:
         name = given.get(i, graph.layers[i].name)
@@ -176,11 +176,17 @@ def _expand(
     return children
 
 
-def _concept_layers(graph: Graph, axes: dict, layers: Sequence[str] | None) -> set[int]:
-    """The indices of ``layers``, by default every conv and dense layer with a feature axis."""
+def _concept_layers(analyzer: LRP, axes: dict, layers: Sequence[str] | None) -> set[int]:
+    """The indices of ``layers``, by default every conv and dense layer with a feature axis
+    that relevance reaches."""
     if layers is None:
-        return {la.index for la in graph.layers if la.op.parametric and axes[la.index] is not None}
-    return {graph.index(n) for n in layers}
+        reached = analyzer.reachable()
+        return {
+            la.index
+            for la in analyzer.graph.layers
+            if la.op.parametric and axes[la.index] is not None and la.index in reached
+        }
+    return {analyzer.graph.index(n) for n in layers}
 
 
 def _marginal(

@@ -36,9 +36,11 @@ _HOW = (
 
 
 class ExplicitAttention(nn.Module):
-    """``nn.MultiheadAttention`` (self-attention, no masks) as explicit ops, sharing the
-    module's parameters: ``in_proj`` is a Linear over its packed q/k/v weights (or three
-    Linears over separate ones), ``out_proj`` is its own."""
+    """``nn.MultiheadAttention`` (no masks) as explicit ops, sharing the module's parameters:
+    ``q_proj``, ``k_proj``, ``v_proj`` are Linears over its q, k, v weights (slices of the
+    packed weight, sharing its memory, or the separate ones), ``out_proj`` is its own. Three
+    projections rather than one packed: a rule that hands relevance to v alone (CP-LRP)
+    reaches only ``v_proj``, and the relevance pass never multiplies zeros."""
 
     def __init__(self, mha: nn.MultiheadAttention, path: str) -> None:
         super().__init__()
@@ -52,16 +54,14 @@ class ExplicitAttention(nn.Module):
         self.num_heads = mha.num_heads
         self.batch_first = mha.batch_first
         self.scale = float(mha.head_dim) ** -0.5
-        self.packed = mha._qkv_same_embed_dim
-        if self.packed:
-            self.in_proj = shared_linear(mha.in_proj_weight, mha.in_proj_bias)
+        if mha._qkv_same_embed_dim:
+            weights = _slices(mha.in_proj_weight)
         else:
-            biases = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)
             weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
-            self.q_proj, self.k_proj, self.v_proj = (
-                shared_linear(w, None if b is None else nn.Parameter(b))
-                for w, b in zip(weights, biases, strict=True)
-            )
+        biases = (None,) * 3 if mha.in_proj_bias is None else _slices(mha.in_proj_bias)
+        self.q_proj, self.k_proj, self.v_proj = (
+            shared_linear(w, b) for w, b in zip(weights, biases, strict=True)
+        )
         self.out_proj = mha.out_proj
 
     def forward(
@@ -80,17 +80,9 @@ class ExplicitAttention(nn.Module):
                 f"attention module {self.path!r} is called with a mask; masked attention is "
                 f"not written out yet; {_HOW}"
             )
-        if self.packed and not (query is key and key is value):
-            raise UnsupportedLayerError(
-                f"attention module {self.path!r} attends across different tensors with packed "
-                f"projection weights, which is not written out yet; {_HOW}"
-            )
-        x = query if self.batch_first else query.transpose(0, 1)
-        if self.packed:
-            q, k, v = self.in_proj(x).chunk(3, dim=-1)
-        else:
-            kv = (key, value) if self.batch_first else (key.transpose(0, 1), value.transpose(0, 1))
-            q, k, v = self.q_proj(x), self.k_proj(kv[0]), self.v_proj(kv[1])
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
         weights = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
         out = self.out_proj((weights @ v).transpose(1, 2).flatten(2))
@@ -98,6 +90,12 @@ class ExplicitAttention(nn.Module):
         if not need_weights:
             return out, None
         return out, weights.mean(1) if average_attn_weights else weights
+
+
+def _slices(packed: nn.Parameter) -> tuple[nn.Parameter, ...]:
+    """The q, k and v thirds of a packed parameter, as parameters sharing its memory (and
+    its version counter, so cached modified weights see updates)."""
+    return tuple(nn.Parameter(part, requires_grad=packed.requires_grad) for part in packed.chunk(3))
 
 
 def _undecomposable(mha: nn.MultiheadAttention) -> str:

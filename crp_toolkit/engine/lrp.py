@@ -22,7 +22,13 @@ from torch import Tensor, nn
 from crp_toolkit.engine.composites import Composite, GlobalMap
 from crp_toolkit.engine.explanation import explain_lrp
 from crp_toolkit.engine.graph import Graph, Layer, UnsupportedLayerError, trace
-from crp_toolkit.engine.memory import MemoryPlan, last_uses, memory_plan, stand_in
+from crp_toolkit.engine.memory import (
+    MemoryPlan,
+    last_uses,
+    memory_plan,
+    reached_layers,
+    stand_in,
+)
 from crp_toolkit.engine.rules import LayerValues, ParamView, Rule, ZeroRule
 
 _NONNEGATIVE = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
@@ -127,8 +133,10 @@ class LRP:
             for layer in self.graph.layers
             if layer.op.reports_indices(layer.module)
         }
-        # memory plans by the layer the relevance pass stops at, the layers kept, reuse
-        self._plans: dict[tuple[int, frozenset[int], bool], MemoryPlan] = {}
+        # memory plans by the layer the relevance pass stops at, the layers kept, reuse and
+        # the input's shape (batch aside) where its values' sizes are known (bytes per node)
+        self._plans: dict[tuple, MemoryPlan] = {}
+        self._sizes: dict[tuple, dict[fx.Node, int]] = {}
         self._last_uses = last_uses(self.graph.module.graph)
 
     # -- forward -----------------------------------------------------------------------------
@@ -148,17 +156,22 @@ class LRP:
         _check_input(x, self.graph)
         _check_eval_mode(self.model)
         graph, gm = self.graph, self.graph.module
-        keep = frozenset(keep)
-        if (above, keep, reuse) not in self._plans:
-            self._plans[above, keep, reuse] = memory_plan(
+        recompute = self.recompute and not reuse  # several passes: keep all
+        shape = (tuple(x.shape[1:]), x.dtype, x.device)  # sizes scale with the batch
+        sizes = self._sizes.get(shape) if recompute else None
+        key = (above, frozenset(keep), reuse, shape if sizes is not None else None)
+        if key not in self._plans:
+            self._plans[key] = memory_plan(
                 graph,
                 self._reads,
                 self._passes,
                 starts={graph.output_layer, *keep},
                 above=above,
-                recompute=self.recompute and not reuse,  # several passes: keep all
+                recompute=recompute,
+                sizes=sizes,
             )
-        plan = self._plans[above, keep, reuse]
+        plan = self._plans[key]
+        measured: dict[fx.Node, int] | None = {} if recompute and sizes is None else None
         values: dict[fx.Node, object] = {graph.input_node: x.detach()}
         pooled: dict[int, tuple[Tensor, torch.Size]] = {}
         with torch.no_grad():
@@ -172,11 +185,15 @@ class LRP:
                         f"input of shape {tuple(x.shape)} does not fit the model: "
                         f"{node.op} {node.target!r} failed with: {err}"
                     ) from err
+                if measured is not None and isinstance(values[node], Tensor):
+                    measured[node] = values[node].nbytes  # type: ignore[union-attr]
                 for done in self._last_uses.get(node, ()):
                     if done in plan.shaped:
                         values[done] = stand_in(values[done])  # type: ignore[arg-type]
                     elif done not in plan.kept:
                         values.pop(done, None)
+        if measured is not None:
+            self._sizes[shape] = measured  # later passes on this shape plan with sizes
         output = values[graph.layers[graph.output_layer].node]
         return ForwardPass(graph, values, output, plan, reuse, pooled=pooled)  # type: ignore[arg-type]
 
@@ -257,6 +274,11 @@ class LRP:
             arguments=lambda: fx.node.map_arg((layer.node.args, layer.node.kwargs), fp.get),
         )
         return self.rules[layer.index].relevance_in(values, R)
+
+    def reachable(self) -> set[int]:
+        """The layers relevance from the output arrives at, as the rules declare (under CP-LRP,
+        not the q and k projections: the attention weights are constants)."""
+        return reached_layers(self.graph, self._passes, {self.graph.output_layer})
 
     # -- explanation -------------------------------------------------------------------------
     def __call__(self, x: Tensor, target: int | Sequence[int] | Tensor | None = None, **kwargs):

@@ -15,7 +15,7 @@ bit for bit that of a pass that keeps everything.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch.fx as fx
@@ -52,34 +52,40 @@ def memory_plan(
     starts: Collection[int],
     above: int = -1,
     recompute: bool = True,
+    sizes: Mapping[fx.Node, int] | None = None,
 ) -> MemoryPlan:
     """The plan for relevance passes that start at ``starts`` (the output layer and recorded
     layers, whose values are kept) and stop at layer ``above``; ``reads``: per layer, whether
     its rule reads its inputs, its output, the inputs' values; ``passes``: per layer, the
     positions of the inputs its rule hands relevance to. ``recompute=False`` keeps every
-    value that is read (several relevance passes will follow)."""
-    reached = _reached(graph, passes, set(starts))
+    value that is read (several relevance passes will follow). ``sizes`` (bytes per node, from
+    an earlier forward pass on inputs of the same shape) lets a read value be recomputed from
+    outputs no rule reads, kept instead of it where they are smaller (the attention weights
+    from q and k, where there are more tokens than twice the head width)."""
+    reached = reached_layers(graph, passes, set(starts))
     readers = _readers(graph, reads, reached, above)
     needed = {n for n, (_, values) in readers.items() if values}
     protected = {graph.layers[i].node for i in starts}
     layer_nodes = {layer.node for layer in graph.layers}
     always = {n for n in graph.module.graph.nodes if n not in layer_nodes}  # shapes, constants
-    recomputed = _recomputable(graph, needed, protected) if recompute else {}
+    recomputed, roots = _recomputable(graph, needed, protected, sizes) if recompute else ({}, set())
     read_recomputed = [n for n in recomputed if n in needed]
     last_reader = {n: readers[n][0] for n in read_recomputed}
     dropped_after: dict[int, list[fx.Node]] = {}
     for node, index in last_reader.items():
         dropped_after.setdefault(index, []).append(node)
     return MemoryPlan(
-        kept=frozenset(always | protected | (needed - recomputed.keys())),
-        shaped=frozenset(set(readers) - needed - always - protected),
+        kept=frozenset(always | protected | roots | (needed - recomputed.keys())),
+        shaped=frozenset(set(readers) - needed - always - protected - roots),
         recomputes={n: _program(n, recomputed) for n in read_recomputed},
         last_reader=last_reader,
         dropped_after=dropped_after,
     )
 
 
-def _reached(graph: Graph, passes: Sequence[tuple[int, ...]], starts: set[int]) -> set[int]:
+def reached_layers(
+    graph: Graph, passes: Sequence[tuple[int, ...]], starts: Collection[int]
+) -> set[int]:
     """Layers that relevance starting at ``starts`` can arrive at, as the rules declare
     (``passes``: per layer, the positions of the inputs its rule hands relevance to)."""
     reached = set(starts)
@@ -114,28 +120,47 @@ def _readers(
 
 
 def _recomputable(
-    graph: Graph, needed: set[fx.Node], protected: set[fx.Node]
-) -> dict[fx.Node, int]:
-    """Layer nodes whose values can be recomputed from kept values: recomputable ops, other
-    than the ``protected`` layers (always kept), whose inputs are kept (the input, constants,
-    protected layers, ``needed`` ones, read by a rule, unless recomputed themselves) or
-    recomputable, with at most ``MAX_READ_ON_CHAIN`` needed values recomputed on the way.
-    Returned in execution order, each with its position in that order."""
+    graph: Graph,
+    needed: set[fx.Node],
+    protected: set[fx.Node],
+    sizes: Mapping[fx.Node, int] | None,
+) -> tuple[dict[fx.Node, int], set[fx.Node]]:
+    """Layer nodes whose values can be recomputed from kept values, in execution order with
+    their positions in it, and the roots to keep for them. Recomputable: recomputable ops,
+    other than the ``protected`` layers (always kept), whose inputs are kept (the input,
+    constants, protected layers, ``needed`` ones, read by a rule, unless recomputed
+    themselves) or recomputable, with at most ``MAX_READ_ON_CHAIN`` needed values recomputed
+    on the way. With ``sizes``, inputs that no rule reads (which the forward pass would
+    free) may be roots of a chain: a needed value is recomputed from them, and they are
+    kept, only where they take fewer bytes than it (roots kept for an earlier value are
+    free)."""
     layers = {layer.node: layer for layer in graph.layers}
     chain: dict[fx.Node, int] = {}  # recomputable node -> needed recomputed values below it
+    free: dict[fx.Node, frozenset[fx.Node]] = {}  # roots a chain node needs, not yet kept
+    roots: set[fx.Node] = set()  # kept for recomputation
+    known = sizes or {}
     for node in graph.module.graph.nodes:  # execution order
         layer = layers.get(node)
         if layer is None or node in protected or not layer.op.recomputable:
             continue
-        depth, possible = 0, True
+        depth, possible, wanted = 0, True, set()
         for source in node.all_input_nodes:
             if source in chain:
                 depth = max(depth, chain[source] + (source in needed))
+                wanted |= free[source]
             elif source in layers and source not in needed and source not in protected:
-                possible = False  # freed by the forward pass
-        if possible and depth <= MAX_READ_ON_CHAIN:
-            chain[node] = depth
-    return {node: position for position, node in enumerate(chain)}
+                possible = sizes is not None  # freed by the forward pass, unless a root
+                wanted.add(source)
+        wanted -= roots
+        if not possible or depth > MAX_READ_ON_CHAIN:
+            continue
+        if node in needed and wanted:
+            if known.get(node, 0) <= sum(known.get(r, 0) for r in wanted):
+                continue  # keeping the value is cheaper than keeping its roots
+            roots |= wanted
+            wanted = set()
+        chain[node], free[node] = depth, frozenset(wanted)
+    return {node: position for position, node in enumerate(chain)}, roots
 
 
 def _program(node: fx.Node, recomputed: dict[fx.Node, int]) -> tuple[fx.Node, ...]:
