@@ -17,8 +17,9 @@ Methods:
 Rounds alternate (gradient, lxt, ours, ours_attnlrp, gradient, ...) after a warm-up; medians are
 reported. Peak memory: on CUDA the extra ``max_memory_allocated`` of one call; on the CPU the
 RSS high-water mark of one call in a fresh subprocess (this script with ``--peak-of``) above
-its RSS before the call. Untimed, ours (CPLRP with a vanishing epsilon) is compared with LXT on
-the benchmark's batch.
+its RSS before the call, and, in the same subprocess, the peak of PyTorch's allocator
+(profiler memory events) above what was allocated before the call. Untimed, ours (CPLRP with
+a vanishing epsilon) is compared with LXT on the benchmark's batch.
 
 Example: ``python benchmarks/bench_vit.py --rounds 5 --json results/bench_vit_cpu.json``.
 """
@@ -135,14 +136,16 @@ def peak_of(args) -> None:
     device = torch.device("cpu")
     fn = make_method(args.peak_of, build(args.seed, args.size, device))
     x, target = inputs(args, device)
-    fn(x[:1], target[:1])  # one small call first: imports and lazy initialisation
+    fn(x[:1], target[:1])  # one small call first: imports, lazy initialisation, sizes
     gc.collect()
     reset = common.reset_peak_rss()
     before = common.current_rss_bytes()
     result = fn(x, target)
     peak = common.peak_rss_bytes()
     del result
-    print(json.dumps({"method": args.peak_of, "peak_bytes": peak - before, "hwm_reset": reset}))
+    allocated = common.cpu_allocator_peak_bytes(lambda: fn(x, target))
+    result = {"method": args.peak_of, "peak_bytes": peak - before, "hwm_reset": reset}
+    print(json.dumps({**result, "allocator_peak_bytes": allocated}))
 
 
 def peak_memory(name: str, fn: Fn, x, target, args, device) -> dict:
@@ -181,9 +184,12 @@ def report(data: dict) -> str:
     for name, res in data["methods"].items():
         peak = res.get("peak", {})
         mib = f"{peak['peak_bytes'] / MB:.0f}" if "peak_bytes" in peak else "-"
+        alloc = peak.get("allocator_peak_bytes")
+        alloc_mib = "-" if alloc is None else f"{alloc / MB:.0f}"
         ratio = f"{res['median_s'] / base:.2f}x"
-        rows.append([name, f"{res['median_s']:.3f}", f"{res['images_per_s']:.2f}", ratio, mib])
-    header = ["method", "median s", "img/s", "x gradient", "peak MiB"]
+        row = [name, f"{res['median_s']:.3f}", f"{res['images_per_s']:.2f}", ratio, mib]
+        rows.append([*row, alloc_mib])
+    header = ["method", "median s", "img/s", "x gradient", "peak MiB", "allocator peak MiB"]
     lines.append(common.markdown_table(header, rows))
     return "\n".join(lines)
 

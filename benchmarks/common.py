@@ -199,6 +199,30 @@ def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
+def cpu_allocator_peak_bytes(fn: Callable[[], object]) -> int:
+    """Extra CPU memory one call allocates at its peak through PyTorch's allocator, above what
+    was allocated before: the running total of the profiler's memory events (every tensor,
+    autograd's saved ones included; exact, unlike the RSS, which page reuse blurs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    memory = sorted(
+        (e["ts"], e["args"]["Total Allocated"], e["args"]["Bytes"])
+        for e in events
+        if e.get("name") == "[memory]"
+    )
+    if not memory:
+        return 0
+    before = memory[0][1] - memory[0][2]
+    return max(total for _, total, _ in memory) - before
+
+
 # -- output ----------------------------------------------------------------------------------
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """Write atomically, so a run killed mid-write still leaves the previous version."""
