@@ -1,4 +1,4 @@
-"""Attention canonizer: attention written out as explicit ops (projections, ``q k^T`` scaled,
+"""Attention canonizer: attention written out as explicit ops (projections, q scaled times ``k^T``,
 softmax, attention times v, output projection), so that every product and the softmax is a
 layer of its own with its own rule (AttnLRP, CP-LRP).
 
@@ -84,7 +84,7 @@ class ExplicitAttention(nn.Module):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
-        weights = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
+        weights = ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)  # scale the smaller
         out = self.out_proj((weights @ v).transpose(1, 2).flatten(2))
         out = out if self.batch_first else out.transpose(0, 1)
         if not need_weights:
@@ -201,7 +201,7 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scal
 
 def explicit_sdpa(graph: fx.Graph) -> None:
     """Rewrite each ``F.scaled_dot_product_attention(q, k, v)`` node of ``graph`` into
-    ``softmax(q @ k^T * scale) @ v``; masks, causal masking, dropout and grouped-query
+    ``softmax((q * scale) @ k^T) @ v``; masks, causal masking, dropout and grouped-query
     attention are refused, naming the node and the module that calls it."""
     for node in list(graph.nodes):
         if node.target is not F.scaled_dot_product_attention:
@@ -226,7 +226,8 @@ def explicit_sdpa(graph: fx.Graph) -> None:
 
 
 def _written_out(graph: fx.Graph, node: fx.Node, bound: dict) -> fx.Node:
-    """The nodes of ``softmax(q @ k^T * scale) @ v``, named after the module of ``node``."""
+    """The nodes of ``softmax((q * scale) @ k^T) @ v``, named after the module of ``node`` (q
+    scaled rather than the scores, as torch does: fewer values)."""
     meta = {"nn_module_stack": node.meta.get("nn_module_stack", {})}
 
     def add(kind: str, target, *args) -> fx.Node:
@@ -235,9 +236,9 @@ def _written_out(graph: fx.Graph, node: fx.Node, bound: dict) -> fx.Node:
         return new
 
     q, scale = bound["query"], bound["scale"]
-    key_t = add("call_method", "transpose", bound["key"], -2, -1)
-    scores = add("call_function", torch.matmul, q, key_t)
     if scale is None:
         scale = add("call_function", operator.pow, add("call_method", "size", q, -1), -0.5)
-    weights = add("call_method", "softmax", add("call_function", operator.mul, scores, scale), -1)
+    key_t = add("call_method", "transpose", bound["key"], -2, -1)
+    scores = add("call_function", torch.matmul, add("call_function", operator.mul, q, scale), key_t)
+    weights = add("call_method", "softmax", scores, -1)
     return add("call_function", torch.matmul, weights, bound["value"])
