@@ -58,10 +58,11 @@ def memory_plan(
     layers, whose values are kept) and stop at layer ``above``; ``reads``: per layer, whether
     its rule reads its inputs, its output, the inputs' values; ``passes``: per layer, the
     positions of the inputs its rule hands relevance to. ``recompute=False`` keeps every
-    value that is read (several relevance passes will follow). ``sizes`` (bytes per node, from
-    an earlier forward pass on inputs of the same shape) lets a read value be recomputed from
-    outputs no rule reads, kept instead of it where they are smaller (the attention weights
-    from q and k, where there are more tokens than twice the head width)."""
+    value that is read (several relevance passes will follow). A read value may be recomputed
+    from outputs no rule reads, kept instead of it where they are smaller (the attention
+    weights from q and k, where there are more tokens than twice the head width): ``sizes``
+    (bytes per node, from an earlier forward pass on inputs of the same shape) decide that,
+    and without them values made by products of activations are assumed larger."""
     reached = reached_layers(graph, passes, set(starts))
     readers = _readers(graph, reads, reached, above)
     needed = {n for n, (_, values) in readers.items() if values}
@@ -130,37 +131,49 @@ def _recomputable(
     other than the ``protected`` layers (always kept), whose inputs are kept (the input,
     constants, protected layers, ``needed`` ones, read by a rule, unless recomputed
     themselves) or recomputable, with at most ``MAX_READ_ON_CHAIN`` needed values recomputed
-    on the way. With ``sizes``, inputs that no rule reads (which the forward pass would
-    free) may be roots of a chain: a needed value is recomputed from them, and they are
-    kept, only where they take fewer bytes than it (roots kept for an earlier value are
-    free)."""
+    on the way. Inputs that no rule reads (which the forward pass would free) may be roots
+    of a chain: a needed value is recomputed from them, and they are kept, where that takes
+    fewer bytes (``_roots_pay``; roots kept for an earlier value are free)."""
     layers = {layer.node: layer for layer in graph.layers}
     chain: dict[fx.Node, int] = {}  # recomputable node -> needed recomputed values below it
     free: dict[fx.Node, frozenset[fx.Node]] = {}  # roots a chain node needs, not yet kept
+    product: dict[fx.Node, bool] = {}  # a chain node's value comes from a product
     roots: set[fx.Node] = set()  # kept for recomputation
-    known = sizes or {}
     for node in graph.module.graph.nodes:  # execution order
         layer = layers.get(node)
         if layer is None or node in protected or not layer.op.recomputable:
             continue
-        depth, possible, wanted = 0, True, set()
+        depth, wanted = 0, set()
+        via_product = layer.kind == "matmul" and len(layer.inputs) == 2  # of two activations
         for source in node.all_input_nodes:
             if source in chain:
                 depth = max(depth, chain[source] + (source in needed))
                 wanted |= free[source]
+                via_product |= product[source]
             elif source in layers and source not in needed and source not in protected:
-                possible = sizes is not None  # freed by the forward pass, unless a root
-                wanted.add(source)
+                wanted.add(source)  # freed by the forward pass, unless kept as a root
         wanted -= roots
-        if not possible or depth > MAX_READ_ON_CHAIN:
+        if depth > MAX_READ_ON_CHAIN:
             continue
         if node in needed and wanted:
-            if known.get(node, 0) <= sum(known.get(r, 0) for r in wanted):
+            if not _roots_pay(node, wanted, sizes, via_product):
                 continue  # keeping the value is cheaper than keeping its roots
             roots |= wanted
             wanted = set()
-        chain[node], free[node] = depth, frozenset(wanted)
+        chain[node], free[node], product[node] = depth, frozenset(wanted), via_product
     return {node: position for position, node in enumerate(chain)}, roots
+
+
+def _roots_pay(
+    node: fx.Node, roots: set[fx.Node], sizes: Mapping[fx.Node, int] | None, via_product: bool
+) -> bool:
+    """Whether keeping ``roots`` to recompute ``node`` takes fewer bytes than keeping
+    ``node``: by ``sizes`` where they are known; otherwise assumed where the value comes from
+    a product of two activations (attention weights, tokens x tokens, are larger than q and
+    k in most vision transformers: 197 tokens against heads of width 64 in vit_b_16)."""
+    if sizes is None:
+        return via_product
+    return sizes.get(node, 0) > sum(sizes.get(r, 0) for r in roots)
 
 
 def _program(node: fx.Node, recomputed: dict[fx.Node, int]) -> tuple[fx.Node, ...]:
