@@ -144,8 +144,8 @@ def peak_of(args) -> None:
     peak = common.peak_rss_bytes()
     del result
     allocated = common.cpu_allocator_peak_bytes(lambda: fn(x, target))
-    result = {"method": args.peak_of, "peak_bytes": peak - before, "hwm_reset": reset}
-    print(json.dumps({**result, "allocator_peak_bytes": allocated}))
+    record = {"method": args.peak_of, "peak_bytes": peak - before, "hwm_reset": reset}
+    print(json.dumps({**record, "allocator_peak_bytes": allocated}))
 
 
 def peak_memory(name: str, fn: Fn, x, target, args, device) -> dict:

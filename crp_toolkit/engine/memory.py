@@ -7,8 +7,10 @@ forward pass, every value no relevance pass will read. A value that is read but 
 compute again (an op declared ``Op.recomputable``: activations, norms, re-indexing, sums,
 softmax, products of activations) from values that are kept anyway is not kept either: the
 relevance pass recomputes it when a rule first asks for it and drops it after its last
-reader, as activation checkpointing does, but only where that adds no kept tensor. Dense and
-convolution outputs, recorded layers and the model's output are always kept. Every value a
+reader, as activation checkpointing does. Its chain may start at outputs no rule reads (q
+and k for the attention weights), which are then kept instead of it, only where they take
+fewer bytes. Dense and convolution outputs, recorded layers and the model's output are
+always kept. Every value a
 rule sees is the one the forward pass computed (same op, same inputs), so the relevance is
 bit for bit that of a pass that keeps everything.
 """

@@ -265,7 +265,9 @@ def live_features(grad: Tensor, most: float = 0.75) -> slice | Tensor | None:
     live = flat.any(0).nonzero().squeeze(1)
     if len(live) > most * width:
         return None
-    first, last = (int(i) for i in live[[0, -1]]) if len(live) else (0, -1)
+    if len(live) == 0:
+        return slice(0, 0)
+    first, last = int(live[0]), int(live[-1])
     return slice(first, last + 1) if last - first + 1 == len(live) else live
 
 
