@@ -236,6 +236,17 @@ def test_the_attribution_graph_runs_across_blocks(vit):
     assert graph.relevance[ct.ConceptNode(root, 4)] == pytest.approx(float(expected), rel=1e-8)
 
 
+def test_an_attribution_graph_over_layers_relevance_does_not_reach_is_refused(vit):
+    """Under CP-LRP no relevance reaches the q projection: naming it is refused up front."""
+    analyzer, x = vit
+    q_proj = "encoder.layers.encoder_layer_1.self_attention.q_proj"
+    assert analyzer.graph.index(q_proj) not in analyzer.reachable()
+    with pytest.raises(ValueError, match=r"no relevance reaches \['encoder.*q_proj'\]"):
+        ct.attribution_graph(analyzer, x[:1], BLOCK.format(1), 0, layers=[q_proj])
+    with pytest.raises(ValueError, match="no relevance reaches"):
+        ct.attribution_graph(analyzer, x[:1], q_proj, 0)
+
+
 def test_ablation_switches_off_features_of_a_token_layer(vit):
     """Concept ablation masks a token layer's features (every token), as a hook zeroing
     that feature of the block's output does."""

@@ -80,8 +80,9 @@ def attribution_graph(
     """Decompose ``concept`` of ``layer`` for one input ``x`` (1, ...), explaining ``target``
     (argmax by default): at each level, the ``widths[level]`` most relevant concepts of each
     feeding layer, conditioned on the parent concept. ``layers`` restricts which layers hold
-    concepts (default: every conv and dense layer); a concept is a channel, along each
-    layer's feature axis (a token layer's features, see ``engine.layout``), unless
+    concepts (default: every conv and dense layer that relevance reaches); a concept is a
+    channel, along each layer's feature axis (a token layer's features, see
+    ``engine.layout``), unless
     ``concepts`` gives a layer others: a learned basis (``ConceptBasis.concept()``: its
     directions and residual), keyed by the name its nodes carry, ``"features.12@nmf16"``
     (the model layer before the ``@``) or the model layer's own. ``layer`` is such a name."""
@@ -132,6 +133,13 @@ def _held_concepts(
         )
     root_index = graph.index(split_concept_layer(root)[0])
     indices = _concept_layers(analyzer, axes, layers) | {root_index} | set(given)
+    unreached = sorted(graph.layers[i].name for i in indices - analyzer.reachable())
+    if unreached:
+        raise ValueError(
+            f"no relevance reaches {unreached} under this analyzer's rules (CP-LRP, for one, "
+            "holds attention weights constant, so q and k projections get none): choose "
+            "layers that relevance reaches"
+        )
     held = {}
     for i in indices:
         name = given.get(i, graph.layers[i].name)
