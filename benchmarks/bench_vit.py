@@ -10,16 +10,18 @@ Methods:
   before each LXT call and undone right after (a few ``setattr``), so all methods alternate in
   one process and the other methods run the unpatched classes;
 * ``ours``: ``ct.LRP(model, ct.composites.CPLRP())`` (the same rules as LXT's with epsilon on
-  the dense layers), ``ours_keep`` (the same with ``recompute=False``: the forward pass keeps
-  every value a rule reads) and ``ours_attnlrp`` (``AttnLRP()``), analyzers built once,
-  untimed.
+  the dense layers, in the relevance domain), ``ours_keep`` (the same with
+  ``recompute=False``: the forward pass keeps every value a rule reads), ``ours_lrp0``
+  (``CPLRP(epsilon=0)``: LXT's rules exactly, LRP-0 on dense layers, which runs in the
+  gradient domain) and ``ours_attnlrp`` (``AttnLRP()``), analyzers built once, untimed.
 
 Rounds alternate (gradient, lxt, ours, ours_attnlrp, gradient, ...) after a warm-up; medians are
 reported. Peak memory: on CUDA the extra ``max_memory_allocated`` of one call; on the CPU the
 RSS high-water mark of one call in a fresh subprocess (this script with ``--peak-of``) above
 its RSS before the call, and, in the same subprocess, the peak of PyTorch's allocator
-(profiler memory events) above what was allocated before the call. Untimed, ours (CPLRP with
-a vanishing epsilon) is compared with LXT on the benchmark's batch.
+(profiler memory events) above what was allocated before the call. Untimed, ours is compared
+with LXT on the benchmark's batch: CPLRP with a vanishing epsilon (relevance domain) and
+``ours_lrp0`` (gradient domain).
 
 Example: ``python benchmarks/bench_vit.py --rounds 5 --json results/bench_vit_cpu.json``.
 """
@@ -45,7 +47,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
 
-METHODS = ("gradient", "lxt", "ours", "ours_keep", "ours_attnlrp")
+METHODS = ("gradient", "lxt", "ours", "ours_keep", "ours_lrp0", "ours_attnlrp")
 MB = 2**20
 Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -101,7 +103,7 @@ def make_method(name: str, model: torch.nn.Module, epsilon: float = 1e-6) -> Fn:
     composite = ct.composites.AttnLRP if name == "ours_attnlrp" else ct.composites.CPLRP
     analyzer = ct.LRP(
         model,
-        composite(epsilon=epsilon),
+        composite(epsilon=0.0 if name == "ours_lrp0" else epsilon),
         normalize_output_relevance=False,
         recompute=name != "ours_keep",
     )
@@ -161,11 +163,15 @@ def peak_memory(name: str, fn: Fn, x, target, args, device) -> dict:
     return {"error": f"rc {proc.returncode}: {proc.stderr[-500:]}"}
 
 
-def agreement(model: torch.nn.Module, x, target) -> float:
-    """max |ours - LXT| / max |LXT|, ours = CPLRP with a vanishing epsilon (LRP-0 as LXT)."""
+def agreement(model: torch.nn.Module, x, target) -> dict[str, float]:
+    """max |ours - LXT| / max |LXT|, ours = CPLRP with a vanishing epsilon (LRP-0 as LXT, in
+    the relevance domain) and ``ours_lrp0`` (epsilon 0, in the gradient domain)."""
     theirs = make_method("lxt", model)(x, target)
-    ours = make_method("ours", model, epsilon=1e-30)(x, target)
-    return float((ours - theirs).abs().max() / theirs.abs().max())
+    ours = {
+        "relevance": make_method("ours", model, epsilon=1e-30)(x, target),
+        "gradient": make_method("ours_lrp0", model)(x, target),
+    }
+    return {k: float((v - theirs).abs().max() / theirs.abs().max()) for k, v in ours.items()}
 
 
 def report(data: dict) -> str:
@@ -176,7 +182,9 @@ def report(data: dict) -> str:
         "",
         f"batch {a['batch']}, {a['size']}x{a['size']}, median of {a['rounds']} alternating "
         f"rounds after {a['warmup']} warm-up; torch {m['torch']}, crp_toolkit git {m['git']}, "
-        f"{m['date']}; ours vs LXT (float32, LRP-0): max rel diff {data['agreement']:.1e}",
+        f"{m['date']}; ours vs LXT (float32, LRP-0), max rel diff: relevance domain "
+        f"{data['agreement']['relevance']:.1e}, gradient domain "
+        f"{data['agreement']['gradient']:.1e}",
         "",
     ]
     base = data["methods"]["gradient"]["median_s"]

@@ -79,7 +79,12 @@ def lxt_patched_vit():
                 delattr(cls, "original_forward")
 
 
-def test_cplrp_on_vit_b_16_equals_lxt(lxt_patched_vit) -> None:
+@pytest.mark.parametrize(
+    ("epsilon", "domain"), [(TINY, "relevance"), (0.0, "gradient")], ids=["relevance", "gradient"]
+)
+def test_cplrp_on_vit_b_16_equals_lxt(lxt_patched_vit, epsilon, domain) -> None:
+    """In the relevance domain with a vanishing epsilon, and with epsilon 0, which runs in the
+    gradient domain as LXT does."""
     model = small_vit_b_16()
     x = torch.randn(2, 3, 32, 32, dtype=DT, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([3, 7])
@@ -88,7 +93,8 @@ def test_cplrp_on_vit_b_16_equals_lxt(lxt_patched_vit) -> None:
     grad_out = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
     (grad,) = torch.autograd.grad(out, leaf, grad_out)
     theirs = (leaf * grad).detach()
-    ours = ct.LRP(model, ct.composites.CPLRP(epsilon=TINY), normalize_output_relevance=False)
+    ours = ct.LRP(model, ct.composites.CPLRP(epsilon=epsilon), normalize_output_relevance=False)
+    assert ours.domain == domain
     expl = ours(x, target)
     assert rel_err(expl.relevance, theirs) < 1e-6
     assert rel_err(expl.output, out.detach()) < 1e-12

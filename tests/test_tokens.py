@@ -47,9 +47,14 @@ def small_vit() -> nn.Module:
     return model.double().eval()
 
 
-@pytest.fixture(scope="module")
-def vit():
-    analyzer = ct.LRP(small_vit(), ct.composites.CPLRP(), normalize_output_relevance=False)
+@pytest.fixture(scope="module", params=["relevance", "gradient"])
+def vit(request):
+    """CP-LRP in the relevance domain (epsilon 1e-6) and, with epsilon 0, in the gradient
+    domain."""
+    epsilon = 1e-6 if request.param == "relevance" else 0.0
+    composite = ct.composites.CPLRP(epsilon=epsilon)
+    analyzer = ct.LRP(small_vit(), composite, normalize_output_relevance=False)
+    assert analyzer.domain == request.param
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     return analyzer, x
 

@@ -118,6 +118,21 @@ def test_every_torchvision_classifier_is_explained_and_conserves(name: str) -> N
     assert torch.equal(analyzer(x).relevance, expl.relevance)  # planned with the sizes known
 
 
+@pytest.mark.parametrize("name", _params())
+def test_the_gradient_domain_gives_every_classifier_the_relevance_domains_relevance(name):
+    """CP-LRP with epsilon 0 runs in the gradient domain (``R = z * G``, LXT's way); with a
+    vanishing epsilon in the relevance domain: the same relevance, up to rounding."""
+    model = ct.canonize(_build(name))
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(2, 3, _size(name), _size(name), dtype=dtype)
+    gradient = ct.LRP(model, ct.composites.CPLRP(epsilon=0.0), normalize_output_relevance=False)
+    relevance = ct.LRP(model, ct.composites.CPLRP(epsilon=1e-30), normalize_output_relevance=False)
+    assert (gradient.domain, relevance.domain) == ("gradient", "relevance")
+    got, want = gradient(x).relevance, relevance(x).relevance
+    tolerance = 1e-8 if dtype == torch.float64 else 1e-3
+    assert float((got - want).abs().max() / want.abs().max()) < tolerance
+
+
 @torch.no_grad()
 def _unconserving_layers(analyzer: ct.LRP, x: torch.Tensor, tolerance: float) -> list[str]:
     """Layers whose input relevance differs from their output relevance less what the rule

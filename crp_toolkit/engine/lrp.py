@@ -19,17 +19,19 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from crp_toolkit.engine import domain as domains
 from crp_toolkit.engine.composites import Composite, GlobalMap
 from crp_toolkit.engine.explanation import explain_lrp
 from crp_toolkit.engine.graph import Graph, Layer, UnsupportedLayerError, trace
 from crp_toolkit.engine.memory import (
     MemoryPlan,
+    frontier,
     last_uses,
     memory_plan,
     reached_layers,
     stand_in,
 )
-from crp_toolkit.engine.rules import LayerValues, ParamView, Rule, ZeroRule
+from crp_toolkit.engine.rules import LayerValues, ParamView, Reads, Rule, ZeroRule
 
 _NONNEGATIVE = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
 _NONNEGATIVE_CALLS = {torch.relu, torch.nn.functional.relu, torch.sigmoid, "relu", "sigmoid"}
@@ -41,25 +43,31 @@ class ForwardPass:
     """What one forward pass leaves for the relevance pass.
 
     ``values`` maps fx nodes to their outputs (only those the relevance pass needs survive,
-    as ``plan`` says); ``recomputed`` holds the values the plan recomputes, from the first
-    rule that reads one until its last reader has run (``at``: the layer the relevance pass
-    is at); ``cache`` holds, per layer, what its rule keeps (denominators) when several
-    relevance passes reuse it.
+    as ``plan`` says, from what each layer's rule ``reads``); ``recomputed`` holds the
+    values the plan recomputes, from the first rule that reads one until its last reader has
+    run (``at``: the layer the relevance pass is at); ``cache`` holds, per layer, what its
+    rule keeps (denominators) when several relevance passes reuse it; ``stashed``, what
+    rules' ``stash`` kept (gradient domain).
     """
 
     graph: Graph
     values: dict[fx.Node, object]
     output: Tensor
     plan: MemoryPlan
+    reads: list[Reads]
     reuse: bool = False
     cache: dict[int, dict] = field(default_factory=dict)  # by layer, what its rule keeps
     pooled: dict[int, tuple[Tensor, torch.Size]] = field(default_factory=dict)  # max indices
     recomputed: dict[fx.Node, object] = field(default_factory=dict)
+    stashed: dict[int, object] = field(default_factory=dict)
     at: int = 1 << 62
 
+    def node(self, index: int) -> fx.Node:
+        """The fx node of layer ``index`` (-1: the model's input)."""
+        return self.graph.input_node if index < 0 else self.graph.layers[index].node
+
     def value(self, index: int) -> Tensor:
-        node = self.graph.input_node if index < 0 else self.graph.layers[index].node
-        return self.get(node)  # type: ignore[return-value]
+        return self.get(self.node(index))  # type: ignore[return-value]
 
     def inputs(self, layer: Layer) -> list[Tensor]:
         return [self.value(i) for i in layer.inputs]
@@ -82,6 +90,14 @@ class ForwardPass:
                         self.recomputed[step] = local[step]  # a rule below reads it too
         return env[node]
 
+    def argument(self, node: fx.Node) -> object:
+        """The value of ``node`` as a call argument: None where the forward pass freed it
+        (a rule that does not read a tensor may still read the call's other arguments)."""
+        try:
+            return self.get(node)
+        except KeyError:
+            return None
+
     def release(self, index: int) -> None:
         """Drop the recomputed values whose last reader is layer ``index``."""
         for node in self.plan.dropped_after.get(index, ()):
@@ -102,6 +118,14 @@ class LRP:
     for bit the same; on vit_b_16 the kept tensors fall to 50% for about 2% more time.
     False keeps every value a rule reads. Several relevance passes over one forward pass
     (CRP) always keep them.
+
+    ``domain`` (default "auto"): "gradient" carries ``G`` with relevance ``R = z * G`` at each
+    layer's output ``z`` through the pass (input times a modified gradient, as LXT), using
+    the rules' gradient forms, which read less of the forward pass: an LRP-0 dense layer or
+    sum reads nothing, so under ``CPLRP(epsilon=0)`` vit_b_16 keeps 40% of what the relevance
+    domain keeps. Relevance is formed (``a * G``) only where it is returned or recorded.
+    "relevance" carries ``R``; "auto" takes the gradient domain where every rule has a
+    gradient form (stabilizer-free rules and routing: ``Rule.gradient_reads``).
     """
 
     def __init__(
@@ -111,6 +135,7 @@ class LRP:
         *,
         normalize_output_relevance: bool = True,
         recompute: bool = True,
+        domain: str = "auto",
     ) -> None:
         self.model = model
         self.recompute = recompute
@@ -121,10 +146,16 @@ class LRP:
         self.rules: list[Rule] = _checked_rules(self.graph, self.composite.assign(self.graph))
         self._nonnegative = _nonnegative_layers(self.graph)
         self._params = _ParamCache()
-        self._reads = [
-            (rule.reads_inputs(layer), rule.reads_output(layer), rule.reads_input_values(layer))
+        self.domain = domains.resolve(domain, self.graph, self.rules)
+        self._divides = [
+            rule.divides_by_output(layer)
             for layer, rule in zip(self.graph.layers, self.rules, strict=True)
         ]
+        self._stashing = {
+            layer.node: layer
+            for layer, rule in zip(self.graph.layers, self.rules, strict=True)
+            if self.domain == "gradient" and rule.stashes(layer)
+        }
         self._passes = [
             rule.passes_to(layer) for layer, rule in zip(self.graph.layers, self.rules, strict=True)
         ]
@@ -159,27 +190,17 @@ class LRP:
         recompute = self.recompute and not reuse  # several passes: keep all
         shape = (tuple(x.shape[1:]), x.dtype, x.device)  # sizes scale with the batch
         sizes = self._sizes.get(shape) if recompute else None
-        key = (above, frozenset(keep), reuse, shape if sizes is not None else None)
-        if key not in self._plans:
-            self._plans[key] = memory_plan(
-                graph,
-                self._reads,
-                self._passes,
-                starts={graph.output_layer, *keep},
-                above=above,
-                recompute=recompute,
-                sizes=sizes,
-            )
-        plan = self._plans[key]
+        known = shape if sizes is not None else None
+        plan, reads = self._plan(set(keep), above, reuse, recompute, known)
         measured: dict[fx.Node, int] | None = {} if recompute and sizes is None else None
         values: dict[fx.Node, object] = {graph.input_node: x.detach()}
-        pooled: dict[int, tuple[Tensor, torch.Size]] = {}
+        fp = ForwardPass(graph, values, x, plan, reads, reuse)  # output set below
         with torch.no_grad():
             for node in gm.graph.nodes:
                 if node.op in ("placeholder", "output"):
                     continue
                 try:
-                    values[node] = self._run_forward(node, values, pooled, above)
+                    values[node] = self._run_forward(node, fp, above)
                 except RuntimeError as err:
                     raise ValueError(
                         f"input of shape {tuple(x.shape)} does not fit the model: "
@@ -194,19 +215,64 @@ class LRP:
                         values.pop(done, None)
         if measured is not None:
             self._sizes[shape] = measured  # later passes on this shape plan with sizes
-        output = values[graph.layers[graph.output_layer].node]
-        return ForwardPass(graph, values, output, plan, reuse, pooled=pooled)  # type: ignore[arg-type]
+        fp.output = values[graph.layers[graph.output_layer].node]  # type: ignore[assignment]
+        return fp
 
-    def _run_forward(self, node: fx.Node, values, pooled, above: int) -> object:
+    def _plan(
+        self, keep: set[int], above: int, reuse: bool, recompute: bool, shape: tuple | None
+    ) -> tuple[MemoryPlan, list[Reads]]:
+        """The memory plan (cached) for passes from the output and ``keep`` down to ``above``,
+        and what each rule reads in them. In the gradient domain the layers where such a pass
+        leaves relevance are kept too, as relevance is formed there from their values (with
+        ``reuse``, every layer: passes may stop anywhere). ``shape``: the input's, where the
+        sizes of its values are known (``self._sizes``)."""
+        starts = {self.graph.output_layer, *keep}
+        if self.domain == "gradient":
+            starts |= frontier(self.graph, self._passes, starts, above)
+            if reuse:
+                starts = set(range(len(self.graph.layers)))
+        key = (above, frozenset(starts), reuse, shape)
+        if key not in self._plans:
+            relevance = domains.relevance_layers(self.graph, self.rules, self._passes, starts)
+            reads = domains.layer_reads(self.graph, self.rules, self.domain, relevance)
+            plan = memory_plan(
+                self.graph,
+                reads,
+                self._passes,
+                starts=starts,
+                above=above,
+                recompute=recompute,
+                sizes=self._sizes.get(shape) if shape is not None else None,
+            )
+            self._plans[key] = plan, reads
+        return self._plans[key]
+
+    def _run_forward(self, node: fx.Node, fp: ForwardPass, above: int) -> object:
         """One node of the forward pass; max-pooling modules the relevance pass will reach
-        also leave their indices."""
+        also leave their indices, and rules that stash (gradient domain) their summary."""
+        values = fp.values
         layer = self._pools.get(node)
         if layer is not None and layer.index > above:
             x = values[node.all_input_nodes[0]]
             out, indices = layer.op.pool_with_indices(layer.module, x)
-            pooled[layer.index] = (indices, x.shape)
+            fp.pooled[layer.index] = (indices, x.shape)
             return out
-        return _run_node(self.graph, node, values)
+        out = _run_node(self.graph, node, values)
+        layer = self._stashing.get(node)
+        if layer is not None and layer.index > above:
+            seen = LayerValues(
+                layer=layer,
+                inputs=[values[fp.node(i)] for i in layer.inputs],  # type: ignore[misc]
+                output=out,  # type: ignore[arg-type]
+                evaluate=_evaluator(fp, layer),
+                nonnegative=False,
+                pooled=None,
+                params=self._params.view(layer.index),
+                cache=None,
+                arguments=lambda: fx.node.map_arg((node.args, node.kwargs), values.__getitem__),
+            )
+            fp.stashed[layer.index] = self.rules[layer.index].stash(seen)
+        return out
 
     # -- relevance ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -227,21 +293,24 @@ class LRP:
         arriving at a layer (before its mask); at an ``exclusive`` layer all relevance that
         bypasses it is dropped, and so is what was recorded in parallel to it. Returns the
         relevance still pending (at ``stop``; with ``stop=-1``, at the input under key -1) and
-        the recorded relevances.
+        the recorded relevances. In the gradient domain the pass carries ``G`` (``R = z * G``)
+        and forms relevance where it records and returns it.
         """
-        pending = dict(pending)
+        if self.domain == "gradient":
+            _check_kept(fp, pending)
+        pending = domains.Pending(pending, fp.value)
         masks = masks or {}
         record, exclusive = set(record), set(exclusive)
         recorded: dict[int, Tensor] = {}
         start = max(pending) if pending else -1
         for index in range(start, stop, -1):
             fp.at = index
-            R = pending.pop(index, None)
+            R, gradient = pending.pop(index)
             if R is None:
                 fp.release(index)
                 continue
             if index in record:
-                recorded[index] = R
+                recorded[index] = fp.value(index) * R if gradient else R
             if index in masks:
                 R = R * masks[index]
             if index in exclusive:  # only relevance through this layer goes on
@@ -249,20 +318,43 @@ class LRP:
                 downstream = self.graph.descendants(index) | {index}
                 recorded = {i: r for i, r in recorded.items() if i in downstream}
             layer = self.graph.layers[index]
-            for source, r in zip(layer.inputs, self.relevance_in(fp, layer, R), strict=True):
+            out, gradient = self._step(fp, layer, R, gradient)
+            for source, r in zip(layer.inputs, out, strict=True):
                 if r is not None:
-                    pending[source] = pending[source] + r if source in pending else r
+                    pending.add(source, r, gradient)
             if not fp.reuse:
                 fp.values.pop(layer.node, None)
             fp.release(index)
-        return pending, recorded
+        return pending.relevance(), recorded
+
+    def _step(
+        self, fp: ForwardPass, layer: Layer, R: Tensor, gradient: bool
+    ) -> tuple[list[Tensor | None], bool]:
+        """One layer of the pass: its rule's gradient form for ``G`` (``gradient``), and for
+        relevance where the rule divides by its output (it enters the gradient domain);
+        else its relevance form. Returns what reaches the inputs and whether it is ``G``."""
+        if self.domain == "gradient" and not gradient and self._divides[layer.index]:
+            R, gradient = domains.entered(R, fp.value(layer.index)), True
+        if gradient:
+            return self.gradient_in(fp, layer, R), True
+        return self.relevance_in(fp, layer, R), False
 
     @torch.no_grad()
     def relevance_in(self, fp: ForwardPass, layer: Layer, R: Tensor) -> list[Tensor | None]:
         """Relevance at each input of ``layer`` given relevance ``R`` at its output: the
         layer's rule computes it from what the forward pass kept for it."""
-        reads_inputs, reads_output, _ = self._reads[layer.index]
-        values = LayerValues(
+        return self.rules[layer.index].relevance_in(self._layer_values(fp, layer), R)
+
+    @torch.no_grad()
+    def gradient_in(self, fp: ForwardPass, layer: Layer, G: Tensor) -> list[Tensor | None]:
+        """The gradient domain's step: ``G`` at each input of ``layer`` given ``G`` at its
+        output (``Rule.gradient_in``)."""
+        return self.rules[layer.index].gradient_in(self._layer_values(fp, layer), G)
+
+    def _layer_values(self, fp: ForwardPass, layer: Layer) -> LayerValues:
+        """What the layer's rule reads, from the forward pass."""
+        reads_inputs, reads_output, _ = fp.reads[layer.index]
+        return LayerValues(
             layer=layer,
             inputs=fp.inputs(layer) if reads_inputs else [],
             output=fp.value(layer.index) if reads_output else None,
@@ -271,9 +363,9 @@ class LRP:
             pooled=fp.pooled.get(layer.index),
             params=self._params.view(layer.index),
             cache=fp.cache.setdefault(layer.index, {}) if fp.reuse else None,
-            arguments=lambda: fx.node.map_arg((layer.node.args, layer.node.kwargs), fp.get),
+            arguments=lambda: fx.node.map_arg((layer.node.args, layer.node.kwargs), fp.argument),
+            stash=fp.stashed.get(layer.index),
         )
-        return self.rules[layer.index].relevance_in(values, R)
 
     def reachable(self) -> set[int]:
         """The layers relevance from the output arrives at, as the rules declare (under CP-LRP,
@@ -321,6 +413,18 @@ class _ParamCache:
             return hit[2]
 
         return get
+
+
+def _check_kept(fp: ForwardPass, pending: Mapping[int, Tensor]) -> None:
+    """In the gradient domain relevance starts only at layers whose values the forward pass
+    kept (the output, ``keep``): it enters as ``G = R / z``, or meets ``G`` there."""
+    for index in pending:
+        node = fp.node(index)
+        if index >= 0 and (node not in fp.plan.kept or node in fp.plan.shaped):
+            raise ValueError(
+                f"relevance given at layer {index} ({fp.graph.layers[index].name!r}), whose "
+                "value the forward pass did not keep; name the layer in keep= of LRP.forward"
+            )
 
 
 def _evaluator(fp: ForwardPass, layer: Layer):

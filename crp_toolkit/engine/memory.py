@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import Tensor
 
-from crp_toolkit.engine.graph import Graph
+from crp_toolkit.engine.graph import Graph, Layer
+from crp_toolkit.engine.terms import Reads
 
 # How many recomputed values that rules read may lie on one chain of recomputation: a value is
 # recomputed only from kept values and from at most three other recomputed values rules read,
@@ -48,7 +49,7 @@ class MemoryPlan:
 
 def memory_plan(
     graph: Graph,
-    reads: Sequence[tuple[bool, bool, bool]],
+    reads: Sequence[Reads],
     passes: Sequence[tuple[int, ...]],
     *,
     starts: Collection[int],
@@ -58,8 +59,8 @@ def memory_plan(
 ) -> MemoryPlan:
     """The plan for relevance passes that start at ``starts`` (the output layer and recorded
     layers, whose values are kept) and stop at layer ``above``; ``reads``: per layer, whether
-    its rule reads its inputs, its output, the inputs' values; ``passes``: per layer, the
-    positions of the inputs its rule hands relevance to. ``recompute=False`` keeps every
+    its rule reads its inputs, its output, the inputs' values (all, or which); ``passes``: per
+    layer, the positions of the inputs its rule hands relevance to. ``recompute=False`` keeps every
     value that is read (several relevance passes will follow). A read value may be recomputed
     from outputs no rule reads, kept instead of it where they are smaller (the attention
     weights from q and k, where there are more tokens than twice the head width): ``sizes``
@@ -98,8 +99,24 @@ def reached_layers(
     return reached
 
 
+def frontier(
+    graph: Graph, passes: Sequence[tuple[int, ...]], starts: Collection[int], above: int
+) -> set[int]:
+    """The layers at or below ``above`` that relevance from ``starts`` arrives at from
+    layers above it: where a relevance pass that stops at ``above`` leaves its relevance
+    (the model's input aside)."""
+    reached = reached_layers(graph, passes, set(starts))
+    return {
+        layer.inputs[k]
+        for layer in graph.layers
+        if layer.index > above and layer.index in reached
+        for k in passes[layer.index]
+        if 0 <= layer.inputs[k] <= above
+    }
+
+
 def _readers(
-    graph: Graph, reads: Sequence[tuple[bool, bool, bool]], reached: set[int], above: int
+    graph: Graph, reads: Sequence[Reads], reached: set[int], above: int
 ) -> dict[fx.Node, tuple[int, bool]]:
     """For each fx node a relevance pass through the ``reached`` layers above ``above``
     reads: (the lowest layer index reading it, whether any reader needs its values rather
@@ -114,12 +131,28 @@ def _readers(
         if layer.index <= above or layer.index not in reached:
             continue
         if reads_inputs:
+            valued = _valued_inputs(graph, layer, values)
             for node in layer.node.all_input_nodes:
-                read(node, layer.index, values)
+                read(node, layer.index, valued is None or node in valued)
         if reads_output:
             read(layer.node, layer.index, True)
     out.pop(graph.input_node, None)  # the input is always kept
     return out
+
+
+def _valued_inputs(
+    graph: Graph, layer: Layer, values: bool | tuple[int, ...]
+) -> set[fx.Node] | None:
+    """The input nodes whose values a rule reads (``values``: all of them, none, or their
+    positions); None for all."""
+    if values is True:
+        return None
+    if values is False:
+        return set()
+    return {
+        graph.input_node if i < 0 else graph.layers[i].node
+        for i in (layer.inputs[k] for k in values)
+    }
 
 
 def _recomputable(

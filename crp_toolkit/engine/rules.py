@@ -14,6 +14,12 @@ of *terms* that share one denominator::
 
 with the stabilised denominator ``s(d) = d + eps * sign0(d)`` and ``sign0(0) = +1``. A term
 rule states its parts (``parts()``); ``crp_toolkit.engine.terms`` evaluates them fast.
+
+A rule may also state its *gradient form* (``gradient_reads``, ``gradient_in``): the same rule
+written for a pass that carries ``G`` with relevance ``R = z * G`` at each layer's output
+``z`` (input times a modified gradient, as LXT computes LRP-0), which reads less of the
+forward pass (a dense layer reads nothing). Rules state it only where it is exact and reads
+less: stabilizer-free rules and routing (see ``LRP(domain=...)``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from crp_toolkit.engine.terms import (
     Modifier,
     ParamView,
     Part,
+    Reads,
     Term,
     divided,
     identity,
@@ -56,6 +63,7 @@ __all__ = [
     "Term",
     "Part",
     "LayerValues",
+    "Reads",
     "Rule",
     "TermRule",
     "ZeroRule",
@@ -111,6 +119,33 @@ class Rule:
         for an input that gets none."""
         raise NotImplementedError
 
+    def gradient_reads(self, layer: Layer) -> Reads | None:
+        """What ``gradient_in`` reads of the layer, as (inputs, output, the inputs' values:
+        all of them, or the positions of those read); None where the rule has no exact
+        gradient form on it."""
+        return None
+
+    def divides_by_output(self, layer: Layer) -> bool:
+        """Whether ``relevance_in`` divides the relevance by the layer's output ``z`` before
+        anything else, so relevance ``R`` given there enters the gradient domain as
+        ``G = R / z`` exactly (LRP-0 and the other stabilizer-free rules)."""
+        return False
+
+    def stashes(self, layer: Layer) -> bool:
+        """Whether ``gradient_in`` reads ``stash``'s summary of the forward pass."""
+        return False
+
+    def stash(self, values: LayerValues) -> object:
+        """A small summary of the layer's forward pass (from its inputs and output) that
+        ``gradient_in`` reads instead of them, computed during the forward pass."""
+        raise NotImplementedError
+
+    def gradient_in(self, values: LayerValues, G: Tensor) -> list[Tensor | None]:
+        """The gradient form: given ``G`` (K, B, ...) with relevance ``z * G`` at the layer's
+        output ``z``, the ``G_i`` at each input ``a_i`` such that ``a_i * G_i`` is the
+        relevance ``relevance_in`` gives it; None for an input that gets none."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         shown = fields(self) if is_dataclass(self) else ()
         args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in shown if f.repr)
@@ -139,6 +174,19 @@ class TermRule(Rule):
 
     def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
         return terms.relevance(values, self.parts(), self.stabilizer, R)
+
+    def gradient_reads(self, layer: Layer) -> Reads | None:
+        """LRP-0 only (the one plain term, stabilizer 0): the transpose reads shapes."""
+        if self.stabilizer != 0 or self.parts() != TermRule.parts(self):
+            return None
+        return (True, False, False)
+
+    def divides_by_output(self, layer: Layer) -> bool:
+        return self.gradient_reads(layer) is not None
+
+    def gradient_in(self, values: LayerValues, G: Tensor) -> list[Tensor | None]:
+        """LRP-0: ``G_in = W^T G``, since ``R / z = G``."""
+        return terms.transposed(values, G)
 
 
 @dataclass(repr=False)
@@ -315,6 +363,32 @@ class PassRule(Rule):
             return [layer.op.unpool(R, *values.pooled)]
         return layer.op.route(R, values.inputs, values.evaluate, layer.gate)
 
+    def gradient_reads(self, layer: Layer) -> Reads | None:
+        """Identities (dropout in eval) and max-pooling modules read nothing; other
+        elementwise ops and gates read their inputs and output (``G_in = G * z / a``);
+        re-indexing reads shapes."""
+        if _is_identity(layer) or layer.op.reports_indices(layer.module):
+            return (False, False, False)
+        if layer.op.elementwise or layer.kind == "gate":
+            return (True, True, True)
+        if layer.op.routes_by_shape():
+            return (True, False, False)
+        return (True, False, True) if layer.kind == "maxpool" else None
+
+    def gradient_in(self, values: LayerValues, G: Tensor) -> list[Tensor | None]:
+        """``G`` routed as ``R`` is; where the op changes values (an activation, a gate),
+        times ``z / a``, the output over the input it passes to."""
+        layer = values.layer
+        if _is_identity(layer):
+            return [G] + [None] * (len(layer.inputs) - 1)
+        routed = self.relevance_in(values, G)
+        if not (layer.op.elementwise or layer.kind == "gate"):
+            return routed
+        return [
+            None if g is None else _scaled(g, _ratio(values.output, a))
+            for g, a in zip(routed, values.inputs, strict=True)
+        ]
+
 
 @dataclass(repr=False)
 class LayerNormRule(Rule):
@@ -334,7 +408,7 @@ class LayerNormRule(Rule):
 
     def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
         x = values.inputs[0]
-        norm = _norm_of(values)
+        norm = _norm_of(values, x.dtype)
         dims = tuple(range(-len(norm.shape), 0))
         if norm.centered:  # the forward's kernel: its output and 1 / sigma in one pass
             y, _, rstd = torch.native_layer_norm(x, norm.shape, norm.weight, norm.bias, norm.eps)
@@ -348,6 +422,36 @@ class LayerNormRule(Rule):
             u.sub_(u.mean(dims, keepdim=True))
         return [u.mul_(x)]
 
+    def gradient_reads(self, layer: Layer) -> Reads | None:
+        """Stabilizer 0 only: it reads the stashed ``1 / sigma``, not the layer's tensors."""
+        return None if self.stabilizer != 0 else (False, False, False)
+
+    def divides_by_output(self, layer: Layer) -> bool:
+        return self.stabilizer == 0
+
+    def stashes(self, layer: Layer) -> bool:
+        return True
+
+    def stash(self, values: LayerValues) -> tuple[_Norm, Tensor]:
+        """The normalisation and ``1 / sigma`` (``1 / rms`` for RMSNorm) per normalised row."""
+        x = values.inputs[0]
+        norm = _norm_of(values, x.dtype)
+        dims = tuple(range(-len(norm.shape), 0))
+        if norm.centered:
+            spread = x.var(dims, correction=0, keepdim=True)
+        else:
+            spread = x.pow(2).mean(dims, keepdim=True)
+        return norm, spread.add_(norm.eps).rsqrt_()
+
+    def gradient_in(self, values: LayerValues, G: Tensor) -> list[Tensor | None]:
+        """``G_in = u - mean(u)``, ``u = g / sigma * G`` (``G_in = u`` for RMSNorm)."""
+        norm, rstd = values.stash
+        u = G * norm.weight if norm.weight is not None else G.clone()
+        u.mul_(rstd)
+        if norm.centered:
+            u.sub_(u.mean(tuple(range(-len(norm.shape), 0)), keepdim=True))
+        return [u]
+
 
 @dataclass(frozen=True)
 class _Norm:
@@ -360,10 +464,10 @@ class _Norm:
     centered: bool
 
 
-def _norm_of(values: LayerValues) -> _Norm:
+def _norm_of(values: LayerValues, dtype: torch.dtype) -> _Norm:
     """The normalisation of a norm module, or of ``F.layer_norm`` / ``F.rms_norm`` from its
-    traced call arguments."""
-    layer, x = values.layer, values.inputs[0]
+    traced call arguments (``dtype``: the input's, for the default eps of RMSNorm)."""
+    layer = values.layer
     module = layer.module
     if module is not None:
         centered = not isinstance(module, torch.nn.RMSNorm)
@@ -376,7 +480,7 @@ def _norm_of(values: LayerValues) -> _Norm:
         found = (bound["normalized_shape"], bound.get("weight"), bound.get("bias"))
         eps = bound.get("eps", 1e-5 if centered else None)
     shape, weight, bias = found
-    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    eps = torch.finfo(dtype).eps if eps is None else eps
     return _Norm(tuple(shape), weight, bias, float(eps), centered)
 
 
@@ -400,6 +504,15 @@ class SoftmaxRule(Rule):
         dim = _softmax_dim(values)
         x = torch.where(torch.isneginf(x), torch.zeros_like(x), x)
         return [x * (R - s * R.sum(dim, keepdim=True))]
+
+    def gradient_reads(self, layer: Layer) -> Reads | None:
+        return (False, True, False)
+
+    def gradient_in(self, values: LayerValues, G: Tensor) -> list[Tensor | None]:
+        """``G_in = s * G - s * sum(s * G)``: the softmax's own gradient (``R = s * G``)."""
+        s = values.output
+        sg = G * s
+        return [sg.sub_(s * sg.sum(_softmax_dim(values), keepdim=True))]
 
 
 @dataclass(repr=False)
@@ -427,6 +540,26 @@ class UniformRule(Rule):
         s = R / stabilize(values.output, self.stabilizer) / n
         grads = _product_transpose(values, s)
         return [x * g for x, g in zip(values.inputs, grads, strict=True)]
+
+    def gradient_reads(self, layer: Layer) -> Reads | None:
+        """Matmuls with stabilizer 0 and gates: the factors (a single factor: the output)."""
+        if layer.kind == "matmul":
+            return None if self.stabilizer != 0 else (True, False, True)
+        return (True, len(layer.inputs) == 1, True)
+
+    def divides_by_output(self, layer: Layer) -> bool:
+        return layer.kind == "matmul" and self.stabilizer == 0
+
+    def gradient_in(self, values: LayerValues, G: Tensor) -> list[Tensor | None]:
+        """``G_a = (G / 2) @ b^T``, ``G_b = a^T @ (G / 2)``; at a gate ``a * b``,
+        ``G_a = b * G / 2`` (summed over the axes ``a`` was broadcast along)."""
+        inputs = values.inputs
+        if values.layer.kind == "matmul":
+            return _product_transpose(values, G / 2)
+        if len(inputs) == 1:
+            return [_scaled(G, _ratio(values.output, inputs[0]))]
+        a, b = inputs
+        return [_unbroadcast(G * b / 2, a.shape), _unbroadcast(G * a / 2, b.shape)]
 
 
 @dataclass(repr=False)
@@ -469,6 +602,24 @@ class ConstantWeightsRule(Rule):
             out[signal] = values.inputs[signal] * grad
         return out
 
+    def gradient_reads(self, layer: Layer) -> Reads | None:
+        """Stabilizer 0 only: of ``A @ v``, the values of ``A`` (and the shape of ``v``)."""
+        if self.stabilizer != 0:
+            return None
+        return (True, False, (layer.gate,)) if self.reads_inputs(layer) else (False, False, False)
+
+    def divides_by_output(self, layer: Layer) -> bool:
+        return self.stabilizer == 0 and self.reads_inputs(layer)
+
+    def gradient_in(self, values: LayerValues, G: Tensor) -> list[Tensor | None]:
+        """``G_v = A^T @ G``; none into the attention weights."""
+        layer = values.layer
+        out: list[Tensor | None] = [None] * len(layer.inputs)
+        if layer.kind == "matmul" and layer.gate is not None:
+            signal = 1 - layer.gate
+            out[signal] = _product_transpose(values, G, (signal,))[signal]
+        return out
+
 
 def _is_log_softmax(layer: Layer) -> bool:
     target = layer.node.target
@@ -481,7 +632,8 @@ def _is_log_softmax(layer: Layer) -> bool:
 
 def _softmax_dim(values: LayerValues) -> int:
     """The softmax's dim, negative (so it also indexes relevance with its concept axis)."""
-    module, ndim = values.layer.module, values.inputs[0].dim()
+    shaped = values.inputs[0] if values.inputs else values.output
+    module, ndim = values.layer.module, shaped.dim()
     if module is not None:
         dim = module.dim
     else:
@@ -506,6 +658,37 @@ def _feeds_softmax(node: object) -> bool:
         if name != "softmax" and (user.op == "output" or not _feeds_softmax(user)):
             return False
     return True
+
+
+_IDENTITY_CALLS = {
+    torch.nn.functional.dropout,
+    torch.dropout,
+    torch.nn.functional.dropout2d,
+    "contiguous",
+    "clone",
+}
+
+
+def _is_identity(layer: Layer) -> bool:
+    """Whether the layer returns its input unchanged in eval mode (dropout, ``nn.Identity``)."""
+    if layer.module is not None:
+        return isinstance(layer.module, (torch.nn.modules.dropout._DropoutNd, torch.nn.Identity))
+    return layer.node.target in _IDENTITY_CALLS
+
+
+def _ratio(z: Tensor, a: Tensor) -> Tensor:
+    """``z / a``, 0 where ``a = 0`` (the relevance ``a * G`` is 0 there whatever ``G`` is, as
+    the relevance over a stabilized ``a`` is)."""
+    ratio = z / a
+    return ratio.masked_fill_(a == 0, 0.0)
+
+
+def _scaled(G: Tensor, ratio: Tensor) -> Tensor:
+    """``G * ratio`` (K, B, ...) times (B, ...), written into the fresh ``ratio`` when it
+    may be."""
+    if G.shape[0] == 1 and G.shape[1:] == ratio.shape and G.dtype == ratio.dtype:
+        return ratio.mul_(G[0]).unsqueeze(0)
+    return G * ratio
 
 
 def _unbroadcast(R: Tensor, shape: torch.Size) -> Tensor:

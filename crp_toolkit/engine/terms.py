@@ -17,6 +17,9 @@ from crp_toolkit.engine.ops import Evaluate
 
 Modifier = Callable[[Tensor], Tensor]
 ParamView = Callable[[tuple, Tensor, Modifier], Tensor]
+# what a rule reads of a layer: (its inputs, its output, the inputs' values: all of them, or
+# the positions of those read; the others only for their shapes)
+Reads = tuple[bool, bool, bool | tuple[int, ...]]
 
 
 def identity(t: Tensor) -> Tensor:
@@ -125,7 +128,8 @@ class LayerValues:
     ``params(key, parameter, modify)`` is ``modify(parameter)`` computed once per parameter
     version; ``cache``: tensors a rule may keep for later relevance passes over the same
     forward pass (None when only one follows); ``arguments()``: the layer's call arguments
-    (args, kwargs) with traced values filled in (a functional op's weights, dims...).
+    (args, kwargs) with traced values filled in (a functional op's weights, dims...);
+    ``stash``: what the rule's ``stash`` kept of the forward pass (gradient forms).
     """
 
     layer: Layer
@@ -137,6 +141,7 @@ class LayerValues:
     params: ParamView
     cache: dict | None
     arguments: Callable[[], tuple[tuple, dict]] = lambda: ((), {})
+    stash: object = None
 
 
 def relevance(
@@ -250,13 +255,24 @@ def _part_output(values: LayerValues, terms: Sequence[_PreparedTerm]) -> Tensor:
     return z
 
 
+def transposed(
+    values: LayerValues, grad: Tensor, weight: Tensor | None = None, x: Tensor | None = None
+) -> list[Tensor | None]:
+    """``layer^T grad`` at each input: for conv and dense layers, of the linear map with
+    ``weight`` (the layer's own by default) at an input shaped like ``x`` (the layer's);
+    for parameter-free linear ops, of the op."""
+    layer = values.layer
+    if layer.op.parametric:
+        weight = layer.module.weight if weight is None else weight
+        x = values.inputs[0] if x is None else x
+        return [layer.op.transpose_params(grad, x, layer.module, weight)]
+    return layer.op.transpose(grad, values.inputs, values.evaluate)
+
+
 def _contributions(values: LayerValues, term: _PreparedTerm, s: Tensor, scale: float):
     """(input position, ``input_t(x) * layer_t^T s``) for each input the term reaches."""
-    layer, inputs = values.layer, values.inputs
-    if layer.op.parametric:
-        grads = [layer.op.transpose_params(s, term.inputs[0], layer.module, term.weight)]
-    else:
-        grads = layer.op.transpose(s, inputs, values.evaluate)
+    layer = values.layer
+    grads = transposed(values, s, term.weight, term.inputs[0])
     for j, (x, g) in enumerate(zip(term.inputs, grads, strict=True)):
         if g is None:
             continue
