@@ -309,7 +309,8 @@ class AttnLRP(Composite):
     and gating products -> UniformRule, LayerNorm/RMSNorm -> std held constant, GELU/SiLU and
     other activations -> identity; dense and conv layers -> Epsilon(epsilon), or Gamma(gamma)
     when ``gamma`` is given; sums -> Epsilon(epsilon). ``stabilizer`` is Gamma's and the
-    uniform rule's."""
+    uniform rule's; with ``epsilon=0, stabilizer=0`` the analyzer runs in the gradient domain
+    (``LRP(domain=...)``)."""
 
     def __init__(
         self, epsilon: float = 1e-6, gamma: float | None = None, stabilizer: float = 1e-6
@@ -330,8 +331,9 @@ class CPLRP(Composite):
     """CP-LRP for transformers (Ali et al. 2022, ICML): the attention weights are constants
     (ConstantWeightsRule on softmax and matmuls: no relevance into q and k), LayerNorm with
     the std constant, activations -> identity, gates -> the signal takes all; dense and conv
-    layers -> Epsilon(epsilon), or Gamma(gamma) when ``gamma`` is given. With a vanishing
-    epsilon this is LXT's efficient CP-LRP for torchvision's ViT (gradient times input)."""
+    layers -> Epsilon(epsilon), or Gamma(gamma) when ``gamma`` is given. With ``epsilon=0``
+    this is LXT's efficient CP-LRP for torchvision's ViT (gradient times input), and the
+    analyzer runs in the gradient domain (``LRP(domain=...)``), which keeps less."""
 
     def __init__(
         self, epsilon: float = 1e-6, gamma: float | None = None, stabilizer: float = 1e-6

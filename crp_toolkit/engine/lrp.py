@@ -122,9 +122,10 @@ class LRP:
     ``domain`` (default "auto"): "gradient" carries ``G`` with relevance ``R = z * G`` at each
     layer's output ``z`` through the pass (input times a modified gradient, as LXT), using
     the rules' gradient forms, which read less of the forward pass: an LRP-0 dense layer or
-    sum reads nothing, so under ``CPLRP(epsilon=0)`` vit_b_16 keeps 40% of what the relevance
-    domain keeps. Relevance is formed (``a * G``) only where it is returned or recorded.
-    "relevance" carries ``R``; "auto" takes the gradient domain where every rule has a
+    sum reads nothing, so under ``CPLRP(epsilon=0)`` vit_b_16 keeps 169 MiB where the
+    relevance domain keeps 282 (224x224, batch 4), and the same relevance up to rounding.
+    Relevance is formed (``a * G``) only where it is returned or recorded. "relevance"
+    carries ``R``; "auto" takes the gradient domain where every rule has a
     gradient form (stabilizer-free rules and routing: ``Rule.gradient_reads``).
     """
 
@@ -224,13 +225,13 @@ class LRP:
         """The memory plan (cached) for passes from the output and ``keep`` down to ``above``,
         and what each rule reads in them. In the gradient domain the layers where such a pass
         leaves relevance are kept too, as relevance is formed there from their values (with
-        ``reuse``, every layer: passes may stop anywhere). ``shape``: the input's, where the
-        sizes of its values are known (``self._sizes``)."""
+        ``reuse``, every layer relevance reaches: passes may stop anywhere). ``shape``: the
+        input's, where the sizes of its values are known (``self._sizes``)."""
         starts = {self.graph.output_layer, *keep}
-        if self.domain == "gradient":
+        if self.domain == "gradient" and reuse:
+            starts = {i for i in reached_layers(self.graph, self._passes, starts) if i >= 0}
+        elif self.domain == "gradient":
             starts |= frontier(self.graph, self._passes, starts, above)
-            if reuse:
-                starts = set(range(len(self.graph.layers)))
         key = (above, frozenset(starts), reuse, shape)
         if key not in self._plans:
             relevance = domains.relevance_layers(self.graph, self.rules, self._passes, starts)
