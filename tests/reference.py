@@ -255,3 +255,20 @@ class ZennitCrpCase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer3(torch.cat([self.layer1(x), self.layer2(x)], dim=1))
+
+
+def small_vit() -> nn.Module:
+    """A two-block ViT on 16x16 inputs (4x4 patches of 4 pixels, 17 tokens with the class
+    token), float64, random weights with a non-zero head."""
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=16,
+        patch_size=4,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        mlp_dim=16,
+        num_classes=3,
+    )
+    nn.init.normal_(model.heads.head.weight, std=0.5)
+    return model.double().eval()

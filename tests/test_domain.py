@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
+from reference import small_vit
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -26,21 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
-
-
-def small_vit() -> nn.Module:
-    torch.manual_seed(0)
-    model = torchvision.models.VisionTransformer(
-        image_size=16,
-        patch_size=4,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=8,
-        mlp_dim=16,
-        num_classes=3,
-    )
-    nn.init.normal_(model.heads.head.weight, std=0.5)
-    return model.to(DT).eval()
 
 
 def both(model: nn.Module, composite, *, stabilizer: float = 0.0, **kwargs):

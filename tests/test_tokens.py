@@ -11,9 +11,9 @@ import pytest
 import torch
 import torchvision
 from conftest import cli
+from reference import small_vit
 from torch import nn
 from torch.utils.data import TensorDataset
-from torchvision.models.vision_transformer import VisionTransformer
 
 import crp_toolkit as ct
 from crp_toolkit.engine.layout import feature_axes, layouts
@@ -28,23 +28,6 @@ from crp_toolkit.store.zarr_store import StoreOptions
 BLOCK = "encoder.layers.encoder_layer_{}.add#2"  # a block's output: the residual stream
 MLP = "encoder.layers.encoder_layer_{}.mlp.3"  # the second MLP projection of a block
 SOFTMAX = "encoder.layers.encoder_layer_0.self_attention.softmax"
-
-
-def small_vit() -> nn.Module:
-    """A two-block ViT on 16x16 inputs (4x4 patches of 4 pixels, 17 tokens with the class
-    token), float64, random weights with a non-zero head."""
-    torch.manual_seed(0)
-    model = VisionTransformer(
-        image_size=16,
-        patch_size=4,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=8,
-        mlp_dim=16,
-        num_classes=3,
-    )
-    nn.init.normal_(model.heads.head.weight, std=0.5)
-    return model.double().eval()
 
 
 @pytest.fixture(scope="module", params=["relevance", "gradient"])
