@@ -97,3 +97,16 @@ def test_a_model_on_the_unfused_path_is_explained_as_the_fused_one(preset) -> No
     assert_unchanged(unfused, before)
     assert not any(getattr(m, "fused_attn", False) for m in unfused.modules())
     assert torch.equal(fused, explicit)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_gradient_domain_gives_timm_transformers_the_relevance_domains_relevance(name):
+    """CP-LRP with epsilon 0 (gradient domain: fused qkv, layer scale, distillation and
+    register tokens) against a vanishing epsilon (relevance domain): the same relevance."""
+    model = make(name)
+    x = torch.randn(2, 3, MODELS[name], MODELS[name], dtype=DT)
+    gradient = ct.LRP(model, ct.composites.CPLRP(epsilon=0.0))
+    relevance = ct.LRP(model, ct.composites.CPLRP(epsilon=TINY))
+    assert (gradient.domain, relevance.domain) == ("gradient", "relevance")
+    got, want = gradient(x, 1).relevance, relevance(x, 1).relevance
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-10
