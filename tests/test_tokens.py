@@ -118,7 +118,10 @@ def test_exclude_parallel_drops_the_residual_bypass_of_an_mlp(vit):
 
 
 def test_a_layer_without_features_is_refused(vit):
-    analyzer, x = vit
+    """The attention weights (tokens x tokens) have no feature axis; under AttnLRP relevance
+    reaches them (under CP-LRP a condition there is refused as unreached)."""
+    _, x = vit
+    analyzer = ct.LRP(small_vit(), ct.composites.AttnLRP())
     with pytest.raises(ValueError, match="has no feature axis"):
         ct.CondAttribution(analyzer)(x, [{"y": 0, SOFTMAX: [0]}])
 
@@ -233,6 +236,20 @@ def test_an_attribution_graph_over_layers_relevance_does_not_reach_is_refused(vi
         ct.attribution_graph(analyzer, x[:1], BLOCK.format(1), 0, layers=[q_proj])
     with pytest.raises(ValueError, match="no relevance reaches"):
         ct.attribution_graph(analyzer, x[:1], q_proj, 0)
+
+
+def test_a_condition_on_a_layer_relevance_does_not_reach_is_refused(vit):
+    """A condition on the q projection would give zero heatmaps whatever the input: refused
+    before the forward pass, as from an inner start layer relevance reaching neither."""
+    analyzer, x = vit
+    q_proj = "encoder.layers.encoder_layer_1.self_attention.q_proj"
+    attr = ct.CondAttribution(analyzer)
+    with pytest.raises(ValueError, match=r"no relevance reaches \['encoder.*q_proj'\]"):
+        attr(x, [{"y": 0, q_proj: [1]}])
+    with pytest.raises(ValueError, match=r"no relevance reaches \['encoder.*layer_1.*mlp.3'\]"):
+        attr(x, [{MLP.format(1): [0]}], start_layer=BLOCK.format(0))
+    below = attr(x, [{MLP.format(0): [0]}], start_layer=BLOCK.format(0))  # reached from there
+    assert below.relevance.abs().sum() > 0
 
 
 def test_ablation_switches_off_features_of_a_token_layer(vit):

@@ -133,13 +133,7 @@ def _held_concepts(
         )
     root_index = graph.index(split_concept_layer(root)[0])
     indices = _concept_layers(analyzer, axes, layers) | {root_index} | set(given)
-    unreached = sorted(graph.layers[i].name for i in indices - analyzer.reachable())
-    if unreached:
-        raise ValueError(
-            f"no relevance reaches {unreached} under this analyzer's rules (CP-LRP, for one, "
-            "holds attention weights constant, so q and k projections get none): choose "
-            "layers that relevance reaches"
-        )
+    analyzer.refuse_unreached(indices)
     held = {}
     for i in indices:
         name = given.get(i, graph.layers[i].name)

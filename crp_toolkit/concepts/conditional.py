@@ -166,6 +166,9 @@ class CondAttribution:
         named = {k for c in conditions for k in c if k != OUTPUT}
         record_index = [graph.index(name) for name in record]
         start = graph.index(start_layer) if start_layer else None
+        self.analyzer.refuse_unreached(
+            [graph.index(n) for n in named], None if start is None else [start]
+        )
         keep = [graph.index(n) for n in named] + record_index + ([start] if start else [])
         fp = self.analyzer.forward(x, reuse=True, keep=keep)
         batch = x.shape[0]

@@ -368,10 +368,24 @@ class LRP:
             stash=fp.stashed.get(layer.index),
         )
 
-    def reachable(self) -> set[int]:
-        """The layers relevance from the output arrives at, as the rules declare (under CP-LRP,
-        not the q and k projections: the attention weights are constants)."""
-        return reached_layers(self.graph, self._passes, {self.graph.output_layer})
+    def reachable(self, starts: Iterable[int] | None = None) -> set[int]:
+        """The layers relevance from ``starts`` (layer indices; the output by default) arrives
+        at, as the rules declare (under CP-LRP, not the q and k projections: the attention
+        weights are constants)."""
+        starts = {self.graph.output_layer} if starts is None else set(starts)
+        return reached_layers(self.graph, self._passes, starts)
+
+    def refuse_unreached(self, layers: Iterable[int], starts: Iterable[int] | None = None) -> None:
+        """Raise, naming them, if relevance from ``starts`` (the output) reaches none of
+        ``layers``: relevance there would be zero whatever the input."""
+        reached = self.reachable(starts)
+        unreached = sorted(self.graph.layers[i].name for i in set(layers) - reached)
+        if unreached:
+            raise ValueError(
+                f"no relevance reaches {unreached} under this analyzer's rules (CP-LRP, for one, "
+                "holds attention weights constant, so q and k projections get none): choose "
+                "layers that relevance reaches"
+            )
 
     # -- explanation -------------------------------------------------------------------------
     def __call__(self, x: Tensor, target: int | Sequence[int] | Tensor | None = None, **kwargs):
