@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchvision.models.swin_transformer import SwinTransformer
 
 import crp_toolkit as ct
+from crp_toolkit.engine.lrp import REMEMBERED
 from crp_toolkit.engine.memory import MAX_READ_ON_CHAIN
 
 DT = torch.float64
@@ -181,3 +182,17 @@ def test_several_relevance_passes_recompute_nothing() -> None:
         ct.LRP(_vit(), ct.composites.CPLRP(), recompute=False).forward(_input()).plan.recomputes
         == {}
     )
+
+
+def test_an_analyzer_remembers_a_bounded_number_of_plans():
+    """Inputs of many sizes (a fully convolutional model) do not grow the plan cache without
+    bound; the newest shape's plan is kept, and every call still explains its input."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    model = nn.Sequential(model, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    analyzer = ct.LRP(model, ct.composites.EpsilonPlus())
+    for size in range(4, 4 + REMEMBERED + 6):
+        x = torch.randn(1, 3, size, size)
+        assert analyzer(x, 1).relevance.shape == x.shape
+        analyzer(x, 1)  # a second call, with the sizes known
+    assert len(analyzer._plans) <= REMEMBERED and len(analyzer._sizes) <= REMEMBERED
+    assert any(key[-1] is not None and key[-1][0] == (3, size, size) for key in analyzer._plans)

@@ -108,9 +108,6 @@ class Pending:
         self._gradient: set[int] = set()
         self._value = value
 
-    def __contains__(self, index: int) -> bool:
-        return index in self._entries
-
     def __iter__(self) -> Iterator[int]:
         return iter(self._entries)
 

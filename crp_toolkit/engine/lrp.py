@@ -36,6 +36,9 @@ from crp_toolkit.engine.rules import LayerValues, ParamView, Reads, Rule, ZeroRu
 _NONNEGATIVE = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
 _NONNEGATIVE_CALLS = {torch.relu, torch.nn.functional.relu, torch.sigmoid, "relu", "sigmoid"}
 _NOT_INPLACE = {operator.iadd: operator.add, operator.imul: operator.mul}
+# how many memory plans (and measured sizes) an analyzer remembers, by input shape, stop layer
+# and kept layers; a plan takes a few milliseconds to make again
+REMEMBERED = 64
 
 
 @dataclass
@@ -167,7 +170,7 @@ class LRP:
         }
         # memory plans by the layer the relevance pass stops at, the layers kept, reuse and
         # the input's shape (batch aside) where its values' sizes are known (bytes per node)
-        self._plans: dict[tuple, MemoryPlan] = {}
+        self._plans: dict[tuple, tuple[MemoryPlan, list[Reads]]] = {}
         self._sizes: dict[tuple, dict[fx.Node, int]] = {}
         self._last_uses = last_uses(self.graph.module.graph)
 
@@ -215,7 +218,7 @@ class LRP:
                     elif done not in plan.kept:
                         values.pop(done, None)
         if measured is not None:
-            self._sizes[shape] = measured  # later passes on this shape plan with sizes
+            _remember(self._sizes, shape, measured)  # later passes on this shape plan with sizes
         fp.output = values[graph.layers[graph.output_layer].node]  # type: ignore[assignment]
         return fp
 
@@ -245,7 +248,7 @@ class LRP:
                 recompute=recompute,
                 sizes=self._sizes.get(shape) if shape is not None else None,
             )
-            self._plans[key] = plan, reads
+            _remember(self._plans, key, (plan, reads))
         return self._plans[key]
 
     def _run_forward(self, node: fx.Node, fp: ForwardPass, above: int) -> object:
@@ -428,6 +431,14 @@ class _ParamCache:
             return hit[2]
 
         return get
+
+
+def _remember(cache: dict, key: object, value: object) -> None:
+    """``cache[key] = value``, the oldest entries dropped beyond ``REMEMBERED`` (inputs of
+    many shapes do not grow it without bound)."""
+    cache[key] = value
+    while len(cache) > REMEMBERED:
+        cache.pop(next(iter(cache)))
 
 
 def _check_kept(fp: ForwardPass, pending: Mapping[int, Tensor]) -> None:
