@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import small_vit
+from reference import rel_err, small_vit
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -22,10 +22,6 @@ from crp_toolkit.engine.rules import EpsilonRule, LayerNormRule, ZPlusRule
 DT = torch.float64
 TINY = 1e-30
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
 def both(model: nn.Module, composite, *, stabilizer: float = 0.0, **kwargs):

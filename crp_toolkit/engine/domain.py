@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from torch import Tensor
 
 from crp_toolkit.engine.graph import Graph
+from crp_toolkit.engine.memory import reached_layers
 from crp_toolkit.engine.rules import Reads, Rule
 
 DOMAINS = ("auto", "gradient", "relevance")
@@ -52,11 +53,11 @@ def relevance_layers(
 ) -> set[int]:
     """The layers a gradient-domain pass from ``starts`` may reach with relevance (not yet
     ``G``): the starts, and the inputs of those whose rules do not divide by their output."""
-    reached = set(starts)
-    for layer in reversed(graph.layers):  # execution order: inputs come before their readers
-        if layer.index in reached and not rules[layer.index].divides_by_output(layer):
-            reached.update(i for i in (layer.inputs[k] for k in passes[layer.index]) if i >= 0)
-    return reached
+    undivided = [
+        () if rule.divides_by_output(layer) else passed
+        for layer, rule, passed in zip(graph.layers, rules, passes, strict=True)
+    ]
+    return {i for i in reached_layers(graph, undivided, starts) if i >= 0}
 
 
 def layer_reads(

@@ -15,8 +15,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn import functional as F
 
 from crp_toolkit.engine.attention import explicit_attention, explicit_sdpa
 from crp_toolkit.engine.ops import (
@@ -33,6 +35,10 @@ from crp_toolkit.engine.ops import (
 )
 
 __all__ = ["Graph", "Layer", "UnsupportedLayerError", "trace"]
+
+
+# calls that return their input unchanged in eval mode
+_IDENTITY_CALLS = {F.dropout, torch.dropout, F.dropout2d, "contiguous", "clone"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,14 @@ class Layer:
     @property
     def kind(self) -> str:
         return self.op.kind
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether the layer returns its input unchanged in eval mode (dropout,
+        ``nn.Identity``, ``contiguous``)."""
+        if self.module is not None:
+            return isinstance(self.module, (nn.modules.dropout._DropoutNd, nn.Identity))
+        return self.node.target in _IDENTITY_CALLS
 
     @property
     def type_name(self) -> str:

@@ -230,13 +230,9 @@ class LRP:
         leaves relevance are kept too, as relevance is formed there from their values (with
         ``reuse``, every layer relevance reaches: passes may stop anywhere). ``shape``: the
         input's, where the sizes of its values are known (``self._sizes``)."""
-        starts = {self.graph.output_layer, *keep}
-        if self.domain == "gradient" and reuse:
-            starts = {i for i in reached_layers(self.graph, self._passes, starts) if i >= 0}
-        elif self.domain == "gradient":
-            starts |= frontier(self.graph, self._passes, starts, above)
-        key = (above, frozenset(starts), reuse, shape)
+        key = (above, frozenset(keep), reuse, shape)
         if key not in self._plans:
+            starts = self._starts(keep, above, reuse)
             relevance = domains.relevance_layers(self.graph, self.rules, self._passes, starts)
             reads = domains.layer_reads(self.graph, self.rules, self.domain, relevance)
             plan = memory_plan(
@@ -250,6 +246,17 @@ class LRP:
             )
             _remember(self._plans, key, (plan, reads))
         return self._plans[key]
+
+    def _starts(self, keep: set[int], above: int, reuse: bool) -> set[int]:
+        """The layers whose values a plan keeps for relevance passes from the output and
+        ``keep``: those, and in the gradient domain the frontier at ``above`` (with ``reuse``,
+        every layer relevance reaches)."""
+        starts = {self.graph.output_layer, *keep}
+        if self.domain == "gradient" and reuse:
+            return {i for i in reached_layers(self.graph, self._passes, starts) if i >= 0}
+        if self.domain == "gradient":
+            starts |= frontier(self.graph, self._passes, starts, above)
+        return starts
 
     def _run_forward(self, node: fx.Node, fp: ForwardPass, above: int) -> object:
         """One node of the forward pass; max-pooling modules the relevance pass will reach
@@ -501,15 +508,11 @@ def _nonnegative_layers(graph: Graph) -> set[int]:
         if (
             isinstance(layer.module, _NONNEGATIVE)
             or (layer.module is None and target in _NONNEGATIVE_CALLS)
-            or (layer.kind in keeps_sign or _is_dropout(layer))
+            or (layer.kind in keeps_sign or layer.is_identity)
             and all(i in out for i in layer.inputs)
         ):
             out.add(layer.index)
     return out
-
-
-def _is_dropout(layer: Layer) -> bool:
-    return isinstance(layer.module, (nn.Dropout, nn.Identity))
 
 
 def _checked_rules(graph: Graph, rules: Sequence[Rule | None]) -> list[Rule]:

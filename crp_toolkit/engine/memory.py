@@ -10,9 +10,8 @@ relevance pass recomputes it when a rule first asks for it and drops it after it
 reader, as activation checkpointing does. Its chain may start at outputs no rule reads (q
 and k for the attention weights), which are then kept instead of it, only where they take
 fewer bytes. Dense and convolution outputs, recorded layers and the model's output are
-always kept. Every value a
-rule sees is the one the forward pass computed (same op, same inputs), so the relevance is
-bit for bit that of a pass that keeps everything.
+always kept. Every value a rule sees is the one the forward pass computed (same op, same
+inputs), so the relevance is bit for bit that of a pass that keeps everything.
 """
 
 from __future__ import annotations
@@ -60,8 +59,8 @@ def memory_plan(
     """The plan for relevance passes that start at ``starts`` (the output layer and recorded
     layers, whose values are kept) and stop at layer ``above``; ``reads``: per layer, whether
     its rule reads its inputs, its output, the inputs' values (all, or which); ``passes``: per
-    layer, the positions of the inputs its rule hands relevance to. ``recompute=False`` keeps every
-    value that is read (several relevance passes will follow). A read value may be recomputed
+    layer, the positions of the inputs its rule hands relevance to. ``recompute=False`` keeps
+    every value that is read (several relevance passes will follow). A read value may be recomputed
     from outputs no rule reads, kept instead of it where they are smaller (the attention
     weights from q and k, where there are more tokens than twice the head width): ``sizes``
     (bytes per node, from an earlier forward pass on inputs of the same shape) decide that,

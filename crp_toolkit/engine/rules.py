@@ -367,9 +367,9 @@ class PassRule(Rule):
         """Identities (dropout in eval) and max-pooling modules read nothing; other
         elementwise ops and gates read their inputs and output (``G_in = G * z / a``);
         re-indexing reads shapes."""
-        if _is_identity(layer) or layer.op.reports_indices(layer.module):
+        if layer.is_identity or layer.op.reports_indices(layer.module):
             return (False, False, False)
-        if layer.op.elementwise or layer.kind == "gate":
+        if _changes_values(layer):
             return (True, True, True)
         if layer.op.routes_by_shape():
             return (True, False, False)
@@ -379,10 +379,10 @@ class PassRule(Rule):
         """``G`` routed as ``R`` is; where the op changes values (an activation, a gate),
         times ``z / a``, the output over the input it passes to."""
         layer = values.layer
-        if _is_identity(layer):
+        if layer.is_identity:
             return [G] + [None] * (len(layer.inputs) - 1)
         routed = self.relevance_in(values, G)
-        if not (layer.op.elementwise or layer.kind == "gate"):
+        if not _changes_values(layer):
             return routed
         return [
             None if g is None else _scaled(g, _ratio(values.output, a))
@@ -409,7 +409,7 @@ class LayerNormRule(Rule):
     def relevance_in(self, values: LayerValues, R: Tensor) -> list[Tensor | None]:
         x = values.inputs[0]
         norm = _norm_of(values, x.dtype)
-        dims = tuple(range(-len(norm.shape), 0))
+        dims = norm.dims
         if norm.centered:  # the forward's kernel: its output and 1 / sigma in one pass
             y, _, rstd = torch.native_layer_norm(x, norm.shape, norm.weight, norm.bias, norm.eps)
             gain = norm.weight * rstd if norm.weight is not None else rstd
@@ -438,8 +438,7 @@ class LayerNormRule(Rule):
         norm = _norm_of(values, x.dtype)
         if norm.centered:  # the forward's kernel (a tenth of the time of x.var)
             return norm, torch.native_layer_norm(x, norm.shape, None, None, norm.eps)[2]
-        dims = tuple(range(-len(norm.shape), 0))
-        return norm, x.pow(2).mean(dims, keepdim=True).add_(norm.eps).rsqrt_()
+        return norm, x.pow(2).mean(norm.dims, keepdim=True).add_(norm.eps).rsqrt_()
 
     def gradient_in(self, values: LayerValues, G: Tensor) -> list[Tensor | None]:
         """``G_in = u - mean(u)``, ``u = g / sigma * G`` (``G_in = u`` for RMSNorm)."""
@@ -447,7 +446,7 @@ class LayerNormRule(Rule):
         u = G * norm.weight if norm.weight is not None else G.clone()
         u.mul_(rstd)
         if norm.centered:
-            u.sub_(u.mean(tuple(range(-len(norm.shape), 0)), keepdim=True))
+            u.sub_(u.mean(norm.dims, keepdim=True))
         return [u]
 
 
@@ -460,6 +459,11 @@ class _Norm:
     bias: Tensor | None
     eps: float
     centered: bool
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """The normalised axes, negative."""
+        return tuple(range(-len(self.shape), 0))
 
 
 def _norm_of(values: LayerValues, dtype: torch.dtype) -> _Norm:
@@ -658,20 +662,10 @@ def _feeds_softmax(node: object) -> bool:
     return True
 
 
-_IDENTITY_CALLS = {
-    torch.nn.functional.dropout,
-    torch.dropout,
-    torch.nn.functional.dropout2d,
-    "contiguous",
-    "clone",
-}
-
-
-def _is_identity(layer: Layer) -> bool:
-    """Whether the layer returns its input unchanged in eval mode (dropout, ``nn.Identity``)."""
-    if layer.module is not None:
-        return isinstance(layer.module, (torch.nn.modules.dropout._DropoutNd, torch.nn.Identity))
-    return layer.node.target in _IDENTITY_CALLS
+def _changes_values(layer: Layer) -> bool:
+    """Whether PassRule hands on relevance through an op that changes values (an activation,
+    a gate), not one that only moves them."""
+    return layer.op.elementwise or layer.kind == "gate"
 
 
 def _ratio(z: Tensor, a: Tensor) -> Tensor:
